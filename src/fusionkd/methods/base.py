@@ -1,0 +1,177 @@
+"""The method contract: what every distillation method is to the engine.
+
+A method is an ``nn.Module`` that owns every trainable participant (networks, fusion modules,
+self-teachers, branches; a frozen teacher too) and exposes:
+
+* ``training_step(images, labels, epoch) -> {"loss_ce": ..., "loss_kd": ...}``: named loss terms,
+  each a scalar tensor; the engine sums them, back-propagates, and logs each term;
+* ``eval_logits(images) -> {"net": logits, ...}``: logits of every head the method trains;
+* ``deploy_head``: the name of the head whose network ``deploy_model()`` returns (its validation
+  accuracy selects ``best.pt``);
+* ``param_groups(weight_decay)``: optimizer parameter groups (a fusion module can have its own decay);
+* ``deploy_model()``: the plain network a user keeps, auxiliary parts dropped;
+* ``extra_parameters()``: how many parameters the method adds on top of the deployed network.
+
+The loop, devices, precision, checkpoints and logging live in the engine, never in a method.
+Adding a method is writing one file in ``fusionkd/methods/`` that defines a subclass and registers it
+with ``@register_method("name", "one-line description")``; the package imports every module in the
+folder, so nothing else has to be edited.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..models import create_model
+from ..registry import Registry
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+def register_method(name: str, description: str):
+    """Class decorator that registers a :class:`Method` subclass under ``name``."""
+
+    def deco(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        return METHODS.register(name, description, family=cls.family)(cls)
+
+    return deco
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """Options of a method that has none."""
+
+
+@dataclass
+class Teacher:
+    """A pre-trained, frozen teacher loaded from a checkpoint (offline methods).
+
+    Attributes:
+        model: the teacher network (a zoo backbone), frozen, in eval mode.
+        model_name: its zoo name as stored in the checkpoint.
+        meta: the checkpoint's metadata (dataset, classes, input shape, normalisation, accuracy).
+    """
+
+    model: nn.Module
+    model_name: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MethodContext:
+    """Everything a method needs to build itself, resolved by the engine from the run config.
+
+    Attributes:
+        model: zoo name of the main network (the student / the network that is deployed).
+        models: zoo names of the peer networks for methods with several networks (online KD);
+            ``[model] * m`` when the peers share one architecture.
+        num_classes, in_chans, image_size: what the data gives (square inputs).
+        epochs: length of the run, for schedules inside a method (ramp-ups, stage lengths).
+        model_kwargs: extra keyword arguments for every ``create_model`` call.
+        teacher: the frozen teacher for offline methods, else ``None``.
+    """
+
+    model: str
+    num_classes: int
+    in_chans: int
+    image_size: int
+    epochs: int
+    models: list[str] = field(default_factory=list)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    teacher: Teacher | None = None
+
+    def create(self, name: str | None = None) -> nn.Module:
+        """Create a zoo backbone for this data (``name`` defaults to the main model)."""
+        return create_model(
+            name or self.model, num_classes=self.num_classes, in_chans=self.in_chans, **self.model_kwargs
+        )
+
+
+class Method(nn.Module):
+    """Base class of every method. Subclasses set the class attributes and implement the four
+    abstract members; they never touch devices, precision, optimizers or checkpoints.
+
+    Class attributes:
+        name: set by ``@register_method``.
+        family: ``"baseline"``, ``"offline"``, ``"online"`` or ``"self"``.
+        Options: a dataclass of the method's options with their defaults; the engine builds it from
+            the ``options:`` section of the config and rejects unknown keys and wrong types.
+        needs_teacher: offline methods set this; the engine then loads ``--teacher`` into
+            ``ctx.teacher`` and checks that it matches the data.
+    """
+
+    name: ClassVar[str] = ""
+    family: ClassVar[str] = "baseline"
+    Options: ClassVar[type] = NoOptions
+    needs_teacher: ClassVar[bool] = False
+
+    def __init__(self, ctx: MethodContext, options: Any = None) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.options = options if options is not None else self.Options()
+        self._frozen: list[nn.Module] = []
+
+    # ----------------------------------------------------------------- to implement
+    def training_step(self, images: torch.Tensor, labels: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
+        """One forward pass on a training batch ``(B, C, H, W)``; returns named scalar loss terms."""
+        raise NotImplementedError
+
+    def eval_logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits ``(B, num_classes)`` of every head the method trains, by head name."""
+        raise NotImplementedError
+
+    @property
+    def deploy_head(self) -> str:
+        """Name (a key of ``eval_logits``) of the head that ``deploy_model()`` computes."""
+        raise NotImplementedError
+
+    def deploy_model(self) -> nn.Module:
+        """The plain network a user keeps (it shares weights with the method; the engine copies)."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- optional hooks
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """Optimizer groups; the default is one group of every trainable parameter."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": params, "weight_decay": weight_decay, "name": "all"}]
+
+    def extra_parameters(self) -> int:
+        """Parameters trained or used by the method beyond the deployed network."""
+        return count_parameters(self) - count_parameters(self.deploy_model())
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called by the engine before each training epoch (0-based), e.g. to switch stages."""
+
+    def on_validation(self, val_accuracy: dict[str, float]) -> None:
+        """Called with each head's validation accuracy after every evaluation (e.g. to pick the best
+        peer to deploy). Anything it decides must live in buffers so that it is checkpointed."""
+
+    def summary_extras(self) -> dict[str, Any]:
+        """Anything the method wants in ``summary.json`` (e.g. a teacher's accuracy)."""
+        return {}
+
+    # ----------------------------------------------------------------- helpers
+    def freeze(self, module: nn.Module) -> nn.Module:
+        """Freeze ``module``: no gradients, always in eval mode (BN statistics never change)."""
+        for p in module.parameters():
+            p.requires_grad_(False)
+        module.eval()
+        if all(module is not m for m in self._frozen):
+            self._frozen.append(module)
+        return module
+
+    def train(self, mode: bool = True) -> Method:
+        super().train(mode)
+        for m in self._frozen:
+            m.eval()
+        return self
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of distinct parameters in ``module``."""
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())

@@ -1,0 +1,74 @@
+"""Loss functions and schedules shared by the methods (METHODS.md section 6).
+
+Every function computes in float32 whatever the autocast precision, so that soft-label losses are not
+rounded to bf16.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton's soft-label loss ``T^2 * KL(softmax(t/T) || softmax(s/T))``, averaged over the batch.
+
+    Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", 2015. The teacher side is
+    detached here, so no caller can forget it: the loss trains the student logits only.
+
+    Args:
+        student_logits: ``(B, K)``.
+        teacher_logits: ``(B, K)``; detached inside.
+        temperature: ``T > 0``.
+    Returns:
+        A scalar tensor.
+    """
+    t = float(temperature)
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.detach().float() / t, dim=1)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
+
+
+def attention_map(features: torch.Tensor) -> torch.Tensor:
+    """Attention map of Zagoruyko & Komodakis, "Paying More Attention to Attention", ICLR 2017.
+
+    ``phi(f) = normalize(mean_c(f^2).flatten())``: ``(B, C, H, W) -> (B, H*W)``, L2-normalised per
+    sample. The channel mean makes it indifferent to the channel count.
+    """
+    a = features.float().pow(2).mean(dim=1).flatten(1)
+    return F.normalize(a, dim=1)
+
+
+def attention_transfer(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``mean((phi(s) - phi(t.detach()))^2)`` over batch and positions; maps must share ``H x W``.
+
+    The teacher map is detached: the loss trains the student side only.
+    """
+    if student.shape[-2:] != teacher.shape[-2:]:
+        raise ValueError(
+            f"attention transfer needs maps of one spatial size, got {tuple(student.shape[-2:])} "
+            f"and {tuple(teacher.shape[-2:])}"
+        )
+    return (attention_map(student) - attention_map(teacher.detach())).pow(2).mean()
+
+
+def sigmoid_rampup(epoch: float, rampup_length: float) -> float:
+    """``exp(-5 (1 - min(t, R)/R)^2)`` (Laine & Aila 2017; used by FFL, ONE): 0.0067 at 0, 1 from ``R`` on.
+
+    Args:
+        epoch: current epoch ``t`` (0-based; may be fractional).
+        rampup_length: ``R``; ``R <= 0`` means no ramp-up (always 1).
+    """
+    if rampup_length <= 0:
+        return 1.0
+    phase = 1.0 - min(max(epoch, 0.0), rampup_length) / rampup_length
+    return float(math.exp(-5.0 * phase * phase))
+
+
+def linear_rampup(epoch: float, warmup_length: float) -> float:
+    """DKD-style linear warm-up ``min(t / W, 1)``; ``W <= 0`` means always 1."""
+    if warmup_length <= 0:
+        return 1.0
+    return float(min(max(epoch, 0.0) / warmup_length, 1.0))
