@@ -1,0 +1,33 @@
+"""The model zoo: CIFAR-style backbones behind one contract (see :mod:`fusionkd.models.base`).
+
+``create_model("resnet20", num_classes=10, in_chans=1)`` builds a registered model; ``list_models()``
+names them; :class:`HookBackbone` adapts a user's own ``nn.Module`` to the same contract.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+from .base import Backbone, ClassifierHead, SplitNetwork, StageInfo, Tail, Trunk
+from .hook import HookBackbone, HookHead
+from .registry import MODELS, create_model, list_models, register_model
+
+# importing a model module registers its models; this order is the order of ``list_models()``
+ZOO_MODULES = ("resnet", "wrn", "vgg", "mobilenetv2")
+for _module in ZOO_MODULES:
+    import_module(f"{__name__}.{_module}")
+
+__all__ = [
+    "Backbone",
+    "StageInfo",
+    "ClassifierHead",
+    "Trunk",
+    "Tail",
+    "SplitNetwork",
+    "MODELS",
+    "create_model",
+    "register_model",
+    "list_models",
+    "HookBackbone",
+    "HookHead",
+]
