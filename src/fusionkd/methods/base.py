@@ -131,8 +131,14 @@ class Method(nn.Module):
         raise NotImplementedError
 
     def deploy_model(self) -> nn.Module:
-        """The plain network a user keeps (it shares weights with the method; the engine copies)."""
+        """The plain network a user keeps: an instance of zoo model ``deploy_model_name`` (it may share
+        weights with the method; the engine saves its ``state_dict``)."""
         raise NotImplementedError
+
+    @property
+    def deploy_model_name(self) -> str:
+        """Zoo name of the network ``deploy_model()`` returns (it is rebuilt from this name + weights)."""
+        return self.ctx.model
 
     # ----------------------------------------------------------------- optional hooks
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
@@ -154,6 +160,10 @@ class Method(nn.Module):
     def summary_extras(self) -> dict[str, Any]:
         """Anything the method wants in ``summary.json`` (e.g. a teacher's accuracy)."""
         return {}
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
+        """``training_step``: the engine calls the method (or its DDP wrapper) like a module."""
+        return self.training_step(images, labels, epoch)
 
     # ----------------------------------------------------------------- helpers
     def freeze(self, module: nn.Module) -> nn.Module:

@@ -1,0 +1,51 @@
+# The two set-up commands of the README:
+#   make demo   install everything, make Fashion-MNIST available, train and print the result table
+#   make test   install everything (with the test tools) and run the test suite
+# Works on a fresh Debian machine with Python >= 3.10 (python3-venv). TORCH_INDEX can point pip at
+# another wheel index for torch (e.g. https://download.pytorch.org/whl/cpu for a small CPU build).
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?=
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+DEMO_ARGS ?=
+
+.PHONY: demo test install install-test data lint clean
+
+$(VENV)/.torch:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	touch $@
+
+install: $(VENV)/.torch
+	$(PIP) install --quiet -e .
+
+install-test: $(VENV)/.torch
+	$(PIP) install --quiet -e ".[test]"
+
+# Fashion-MNIST, the built-in default data: from Debian's package when it is not there yet.
+data:
+	@if [ -f "$(FMNIST_DIR)/train-images-idx3-ubyte.gz" ] || [ -f "$${FUSIONKD_DATA:-/nonexistent}/fashion-mnist/train-images-idx3-ubyte.gz" ]; then \
+		echo "Fashion-MNIST found"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y -q dataset-fashion-mnist >/dev/null || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist); \
+	else \
+		sudo apt-get install -y -q dataset-fashion-mnist; \
+	fi
+
+demo: install data
+	$(VENV)/bin/fusionkd demo $(DEMO_ARGS)
+
+test: install-test
+	-@$(MAKE) --no-print-directory data  # the real-data tests skip when it cannot be installed
+	$(PY) -m pytest -q
+
+lint: install-test
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,15 @@
+"""fusionkd: feature-fusion knowledge distillation for image classification.
+
+Quick start::
+
+    import fusionkd
+    result = fusionkd.train(method="baseline", model="resnet20", dataset="fashion-mnist", epochs=5)
+    print(result.best_test_accuracy, result.run_dir)
+"""
+
+__version__ = "0.1.0"
+
+from .api import evaluate_checkpoint, export_checkpoint, list_registered, predict, resume, train  # noqa: E402
+
+__all__ = ["__version__", "train", "resume", "evaluate_checkpoint", "export_checkpoint", "predict",
+           "list_registered"]

@@ -1,0 +1,264 @@
+"""The ``fusionkd`` command. Every subcommand is a thin layer over :mod:`fusionkd.api`.
+
+``fusionkd train`` accepts every config option both as ``--flag value`` (generated from the schema, so
+the CLI and the YAML files can never disagree) and as trailing ``key=value`` overrides, including nested
+ones (``augment.flip=false``, ``options.peers=3``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import typing
+from typing import Any
+
+from .engine.config import Config, ConfigError
+
+log = logging.getLogger("fusionkd")
+
+_SKIP_FLAGS = {"options", "augment", "dataset_options"}
+
+
+def _schema_flags(parser: argparse.ArgumentParser) -> list[str]:
+    """Add ``--<option>`` for every top-level scalar/list field of :class:`Config`."""
+    hints = typing.get_type_hints(Config)
+    names = []
+    group = parser.add_argument_group("config options (also accepted as key=value; see docs/config.md)")
+    for f in dataclasses.fields(Config):
+        if f.name in _SKIP_FLAGS:
+            continue
+        tp = hints[f.name]
+        is_list = "list" in str(tp)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        helptext = f"(default: {default})" + (" comma-separated list" if is_list else "")
+        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f"cfg_{f.name}", default=None,
+                           metavar=f.name.upper(), help=helptext)
+        names.append(f.name)
+    return names
+
+
+def _parse_flag_value(name: str, raw: str) -> Any:
+    import yaml
+
+    tp = str(typing.get_type_hints(Config)[name])
+    if "list" in tp and not raw.strip().startswith("["):
+        items = [s.strip() for s in raw.split(",") if s.strip()]
+        return [yaml.safe_load(s) if "int" in tp else s for s in items]
+    if tp.startswith("<class 'str'>") or tp == "str" or tp.startswith("str |"):
+        return raw
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _collect_overrides(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
+    out = {}
+    for name in names:
+        raw = getattr(args, f"cfg_{name}")
+        if raw is not None:
+            out[name] = _parse_flag_value(name, raw)
+    return out
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def _result_table(summary: dict[str, Any]) -> str:
+    best, last = summary.get("best") or {}, summary.get("last") or {}
+    head = summary["deploy_head"]
+    rows = [f"{'head':<14} {'best-val epoch: val':>20} {'test':>8}   {'last epoch: test':>16}"]
+    for h in sorted(last.get("test") or {}, key=lambda x: (x != head, x)):
+        mark = " *" if h == head else ""
+        bv = (best.get("val") or {}).get(h)
+        bt = (best.get("test") or {}).get(h)
+        rows.append(f"{h + mark:<14} {_pct(bv):>20} {_pct(bt):>8}   {last['test'][h]:>16.2f}")
+    return "\n".join([
+        f"{summary['method']} / {summary['model']} on {summary['dataset']}: {summary['epochs']} epochs, "
+        f"seed {summary['seed']}, data {summary['data']['train']} train / {summary['data']['val']} val / "
+        f"{summary['data']['test']} test",
+        *rows,
+        f"(* deploy head; best epoch {best.get('epoch')} chosen by {best.get('selection', 'val')} accuracy; "
+        f"accuracies in %; {summary['train_time_s']:.0f}s training, {summary['img_per_s']:,.0f} img/s)",
+        f"run folder: {summary['run_dir']}",
+    ])
+
+
+# ---------------------------------------------------------------------- subcommands
+def cmd_train(args: argparse.Namespace, names: list[str]) -> int:
+    from . import api
+    from .engine.config import resolve_config
+
+    flags = _collect_overrides(args, names)
+    if args.resume:
+        kv = dict(_kv(o) for o in args.overrides)
+        result = api.resume(args.resume, stop_after=args.stop_after, **{**flags, **kv})
+    else:
+        cfg = resolve_config(flags, config_file=args.config, overrides=args.overrides)
+        if args.print_config:
+            print(cfg.to_yaml(), end="")
+            return 0
+        from .engine.trainer import Trainer
+
+        trainer = Trainer(cfg, overwrite=args.overwrite)
+        trainer.stop_after = args.stop_after
+        result = trainer.fit()
+    if result.summary.get("finished"):
+        print(_result_table(result.summary))
+    else:
+        print(f"stopped after epoch {result.summary['epoch']}; continue with: fusionkd train --resume {result.run_dir}")
+    return 0
+
+
+def _kv(text: str) -> tuple[str, Any]:
+    from .engine.config import parse_override
+
+    return parse_override(text)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from . import api
+
+    r = api.evaluate_checkpoint(args.checkpoint, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
+                                device=args.device, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print(f"{r['checkpoint']} on {r['dataset']} {r['split']} ({r['images']} images)")
+    for h, a in r["accuracy"].items():
+        print(f"  {h + (' *' if h == r['deploy_head'] else ''):<14} {a:6.2f} %")
+    print(f"per-class accuracy of the deploy head ({r['deploy_head']}):")
+    for c, a in r["per_class_accuracy"].items():
+        print(f"  {c:<20} {a:6.2f} %")
+    print("confusion matrix (rows: true class, columns: predicted):")
+    width = max(5, max(len(str(v)) for row in r["confusion_matrix"] for v in row) + 1)
+    for i, row in enumerate(r["confusion_matrix"]):
+        print(f"  {i:>3} " + "".join(f"{v:>{width}}" for v in row) + f"   {r['classes'][i]}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from . import api
+
+    w = api.export_checkpoint(args.checkpoint, args.out, onnx=True if args.onnx else None)
+    for k, v in w.items():
+        print(f"{k:<12} {v}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from . import api
+
+    for r in api.predict(args.checkpoint, args.images, topk=args.topk):
+        tops = ", ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in r["top"])
+        print(f"{r['image']}: {tops}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from . import api
+
+    reg = api.list_registered()
+    if args.json:
+        print(json.dumps(reg, indent=2))
+        return 0
+    for section in ("methods", "models", "datasets"):
+        print(f"{section}:")
+        for e in reg[section]:
+            fam = f"[{e['family']}] " if e.get("family") else ""
+            print(f"  {e['name']:<16} {fam}{e['description']}")
+    return 0
+
+
+# ---------------------------------------------------------------------- parser
+def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
+    p = argparse.ArgumentParser(prog="fusionkd", description="Feature-fusion knowledge distillation.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a method (or resume a run)",
+                       description="Train a method. Options: --flag value or key=value (nested: augment.flip=false, "
+                                   "options.NAME=VALUE for the method's own options).")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    t.add_argument("--config", help="YAML file of options")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
+    t.add_argument("--print-config", action="store_true", help="print the fully resolved config and exit")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
+    t.add_argument("--stop-after", type=int, metavar="N", help="train at most N epochs now (resumable)")
+    names = _schema_flags(t)
+
+    e = sub.add_parser("eval", help="accuracy per head, per-class accuracy, confusion matrix")
+    e.add_argument("checkpoint", help="best.pt / last.pt / run folder / exported .pt")
+    e.add_argument("--dataset", help="evaluate on another dataset with the same classes")
+    e.add_argument("--data-dir")
+    e.add_argument("--split", default="test", choices=["test", "val"])
+    e.add_argument("--device", default="auto")
+    e.add_argument("--batch-size", type=int, default=512)
+    e.add_argument("--json", action="store_true", help="print JSON")
+
+    x = sub.add_parser("export", help="export the deploy network (torch.export .pt2 + state_dict + metadata)")
+    x.add_argument("checkpoint")
+    x.add_argument("--out", required=True, help="output .pt2 path (the .pt/.json/.onnx files go beside it)")
+    x.add_argument("--onnx", action="store_true", help="also write ONNX (needs the onnx package)")
+
+    pr = sub.add_parser("predict", help="classify image files with a checkpoint's deploy network")
+    pr.add_argument("checkpoint")
+    pr.add_argument("images", nargs="+")
+    pr.add_argument("--topk", type=int, default=3)
+
+    ls = sub.add_parser("list", help="methods, models and datasets")
+    ls.add_argument("--json", action="store_true")
+    _add_extra_commands(sub)
+    return p, names
+
+
+def _add_extra_commands(sub) -> None:
+    """Subcommands contributed by other modules (compare, report, bench, demo) when present."""
+    try:
+        from . import commands
+    except ImportError:
+        return
+    commands.add_parsers(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, names = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    from .data import DataFormatError, DatasetNotFoundError, DownloadError
+    from .engine.checkpoint import CheckpointError
+    from .engine.trainer import NonFiniteLossError
+    from .registry import UnknownNameError
+
+    try:
+        if args.command == "train":
+            return cmd_train(args, names)
+        if args.command == "eval":
+            return cmd_eval(args)
+        if args.command == "export":
+            return cmd_export(args)
+        if args.command == "predict":
+            return cmd_predict(args)
+        if args.command == "list":
+            return cmd_list(args)
+        return args.func(args)
+    except (ConfigError, CheckpointError, UnknownNameError, NonFiniteLossError, DataFormatError, DatasetNotFoundError,
+            DownloadError, ValueError,
+            FileNotFoundError) as e:
+        print(f"fusionkd {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; the last finished epoch is in last.pt (resume with --resume RUN_DIR)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

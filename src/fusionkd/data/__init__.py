@@ -1,0 +1,57 @@
+"""Data: in-memory datasets (:func:`load_dataset`) and the on-device batch loader (:class:`DeviceLoader`).
+
+>>> from fusionkd.data import load_dataset, DeviceLoader
+>>> splits = load_dataset("fashion-mnist", val_fraction=0.1)
+>>> loader = DeviceLoader(splits.train, splits.info, 128, train=True)
+>>> images, labels = next(iter(loader))  # float32 (128, 1, 28, 28), int64 (128,)
+
+See ``docs/data.md`` for the datasets, where their files are looked up, caching and the loader.
+"""
+
+from .datasets import (
+    DATASETS,
+    ArrayDataset,
+    DatasetInfo,
+    DatasetNotFoundError,
+    DataSplits,
+    channel_stats,
+    data_root,
+    list_datasets,
+    load_dataset,
+    register_dataset,
+)
+from .download import DownloadError
+from .formats import DataFormatError, read_idx, safe_pickle_load
+from .loader import (
+    AugmentDraws,
+    DeviceLoader,
+    EpochPlan,
+    augment_batch,
+    crop_flip,
+    cutout_mask,
+    draw_augmentation,
+)
+
+__all__ = [
+    "DATASETS",
+    "ArrayDataset",
+    "AugmentDraws",
+    "DataFormatError",
+    "DataSplits",
+    "DatasetInfo",
+    "DatasetNotFoundError",
+    "DeviceLoader",
+    "DownloadError",
+    "EpochPlan",
+    "augment_batch",
+    "channel_stats",
+    "crop_flip",
+    "cutout_mask",
+    "data_root",
+    "draw_augmentation",
+    "list_datasets",
+    "load_dataset",
+    "read_idx",
+    "register_dataset",
+    "safe_pickle_load",
+]

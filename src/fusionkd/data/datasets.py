@@ -1,0 +1,754 @@
+"""Datasets as in-memory uint8 tensors: the registry, the loaders and :func:`load_dataset`.
+
+Every dataset is loaded whole into memory as ``uint8 (N, C, H, W)`` images and ``int64 (N,)`` labels
+(Fashion-MNIST: 47 MB, CIFAR: 150 MB, CINIC-10: 830 MB), then split into train / validation / test:
+
+* a validation split is carved from the training split, stratified and seeded (``val_fraction``,
+  ``seed``), unless the dataset ships its own (CINIC-10 ``valid/``, an image folder's ``val/``), which is
+  then used as is;
+* ``subset=N`` keeps a stratified, seeded N-image subset of what remains for training.
+
+Files are looked up in ``data_dir`` (or ``data_dir/<name>``), then ``$FUSIONKD_DATA/<name>`` (default
+``./data/<name>`` when ``FUSIONKD_DATA`` is unset), then dataset-specific system folders. See
+``docs/data.md`` for every dataset's format and layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..registry import Registry
+from . import download as dl
+from .formats import (
+    ArrayCache,
+    DataFormatError,
+    decode_images,
+    fingerprint,
+    list_classes,
+    load_cifar_names,
+    load_cifar_pickle,
+    read_idx_pair,
+    scan_image_tree,
+)
+from .splits import stratified_split, stratified_subset
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ArrayDataset",
+    "DATASETS",
+    "DataSplits",
+    "DatasetInfo",
+    "DatasetNotFoundError",
+    "LoadRequest",
+    "SourceSplits",
+    "channel_stats",
+    "data_root",
+    "list_datasets",
+    "load_dataset",
+    "register_dataset",
+]
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset's files are in none of the places searched; the message lists them and says what to do."""
+
+
+# ------------------------------------------------------------------------------------ containers
+
+
+@dataclass
+class ArrayDataset:
+    """One split held entirely in memory.
+
+    Attributes:
+        images: uint8 ``(N, C, H, W)``, contiguous.
+        labels: int64 ``(N,)``, class ids.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise ValueError(
+                "images must be uint8 of shape (N, C, H, W), "
+                f"got {self.images.dtype} {tuple(self.images.shape)}"
+            )
+        if self.labels.dim() != 1 or self.labels.shape[0] != self.images.shape[0]:
+            raise ValueError(
+                f"labels must have shape ({self.images.shape[0]},), got {tuple(self.labels.shape)}"
+            )
+        self.images = self.images.contiguous()
+        self.labels = self.labels.to(torch.int64).contiguous()
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def select(self, indices: np.ndarray | torch.Tensor) -> ArrayDataset:
+        """A new dataset holding the samples at ``indices`` (int (M,)), in that order."""
+        idx = torch.as_tensor(np.asarray(indices), dtype=torch.int64)
+        return ArrayDataset(self.images[idx], self.labels[idx])
+
+    def class_counts(self, num_classes: int) -> torch.Tensor:
+        """int64 ``(num_classes,)``: images per class."""
+        return torch.bincount(self.labels, minlength=num_classes)
+
+
+@dataclass
+class DatasetInfo:
+    """What a model and a checkpoint need to know about the data.
+
+    Attributes:
+        name: registry name, e.g. ``"fashion-mnist"``.
+        classes: class names, index = label.
+        mean, std: per channel, for pixels scaled to ``[0, 1]``.
+        in_chans: channels C.
+        image_size: H == W of the loaded images.
+    """
+
+    name: str
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    in_chans: int
+    image_size: int
+
+    def __post_init__(self) -> None:
+        self.classes = [str(c) for c in self.classes]
+        self.mean = tuple(float(m) for m in self.mean)
+        self.std = tuple(float(s) for s in self.std)
+        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
+            raise ValueError(f"mean/std need {self.in_chans} values (one per channel), got "
+                             f"{len(self.mean)} / {len(self.std)}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std must be positive, got {self.std}")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML-able dict (lists, not tuples)."""
+        return {
+            "name": self.name,
+            "classes": list(self.classes),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "in_chans": self.in_chans,
+            "image_size": self.image_size,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DatasetInfo:
+        """Inverse of :meth:`to_dict`; unknown keys are ignored (newer checkpoints), missing ones raise."""
+        required = ("name", "classes", "mean", "std", "in_chans", "image_size")
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ValueError(f"dataset info is missing {missing} (has {sorted(d)})")
+        return cls(
+            name=str(d["name"]),
+            classes=list(d["classes"]),
+            mean=tuple(d["mean"]),
+            std=tuple(d["std"]),
+            in_chans=int(d["in_chans"]),
+            image_size=int(d["image_size"]),
+        )
+
+
+@dataclass
+class DataSplits:
+    """The result of :func:`load_dataset`."""
+
+    train: ArrayDataset
+    val: ArrayDataset | None
+    test: ArrayDataset
+    info: DatasetInfo
+
+
+@dataclass
+class SourceSplits:
+    """What a dataset loader returns, before validation carve-out and subsetting.
+
+    ``mean``/``std`` None means "compute them from ``train``". ``val`` is a validation split shipped with
+    the dataset (used instead of carving one).
+    """
+
+    train: ArrayDataset
+    test: ArrayDataset
+    classes: list[str]
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    val: ArrayDataset | None = None
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """The generic arguments of :func:`load_dataset` that a loader may use."""
+
+    name: str
+    data_dir: Path | None
+    download: bool
+    image_size: int | None
+    cache_dir: Path | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+LoaderFn = Callable[..., SourceSplits]
+
+#: Registered datasets: ``fn(request: LoadRequest, **options) -> SourceSplits``; extras give the
+#: native ``in_chans``/``image_size``/``num_classes`` (None where they depend on the files).
+DATASETS: Registry[LoaderFn] = Registry("dataset")
+
+
+def register_dataset(name: str, description: str, *, in_chans: int | None, image_size: int | None,
+                     num_classes: int | None) -> Callable[[LoaderFn], LoaderFn]:
+    """Decorator for a loader ``fn(request: LoadRequest, *, <options>) -> SourceSplits``; keyword-only
+    parameters of ``fn`` become the dataset's options (``load_dataset(name, **options)``)."""
+    return DATASETS.register(name, description, in_chans=in_chans, image_size=image_size,
+                             num_classes=num_classes)
+
+
+def list_datasets() -> list[str]:
+    """Registered dataset names, in registration order."""
+    return DATASETS.names()
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def data_root() -> Path:
+    """``$FUSIONKD_DATA`` if set, else ``./data``: the default parent folder of every dataset."""
+    env = os.environ.get("FUSIONKD_DATA")
+    return Path(env).expanduser() if env else Path("data")
+
+
+def _candidates(req: LoadRequest, *system: Path) -> list[Path]:
+    out: list[Path] = []
+    if req.data_dir is not None:
+        out += [req.data_dir, req.data_dir / req.name]
+    out.append(data_root() / req.name)
+    out += list(system)
+    seen: set[Path] = set()
+    return [p for p in out if not (p in seen or seen.add(p))]
+
+
+def _searched(paths: Sequence[Path]) -> str:
+    return "\n".join(f"  - {p}" for p in paths)
+
+
+def _tensor(arr: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    arr = np.ascontiguousarray(arr)
+    if not arr.flags.writeable:
+        arr = arr.copy()
+    return torch.from_numpy(arr).to(dtype)
+
+
+def _dataset(images: np.ndarray, labels: np.ndarray) -> ArrayDataset:
+    return ArrayDataset(_tensor(images, torch.uint8), _tensor(labels, torch.int64))
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Exact per-channel mean and (population) std of uint8 ``(N, C, H, W)`` images scaled to [0, 1],
+    from a 256-bin histogram per channel (no float copy of the data)."""
+    values = torch.arange(256, dtype=torch.float64) / 255.0
+    means, stds = [], []
+    for c in range(images.shape[1]):
+        hist = torch.bincount(images[:, c].reshape(-1), minlength=256).to(torch.float64)
+        n = hist.sum()
+        m = (hist * values).sum() / n
+        v = (hist * (values - m) ** 2).sum() / n
+        means.append(float(m))
+        stds.append(max(float(v.sqrt()), 1e-3))  # a constant image would otherwise divide by zero
+    return tuple(means), tuple(stds)
+
+
+def resize_images(images: torch.Tensor, size: int, *, mode: str = "bilinear", chunk: int = 4096
+                  ) -> torch.Tensor:
+    """Resize uint8 ``(N, C, H, W)`` to ``(N, C, size, size)`` (bilinear antialiased, or ``"nearest"``)."""
+    if images.shape[-2:] == (size, size):
+        return images
+    out = torch.empty((images.shape[0], images.shape[1], size, size), dtype=torch.uint8)
+    for s in range(0, images.shape[0], chunk):
+        x = images[s:s + chunk].float()
+        if mode == "nearest":
+            y = F.interpolate(x, size=(size, size), mode="nearest")
+        else:
+            y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        out[s:s + chunk] = y.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+# ------------------------------------------------------------------------------------ load_dataset
+
+
+def load_dataset(
+    name: str,
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    download: bool = False,
+    val_fraction: float = 0.1,
+    subset: int | None = None,
+    seed: int = 0,
+    image_size: int | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    **options: Any,
+) -> DataSplits:
+    """Load dataset ``name`` into memory and split it into train / val / test.
+
+    Args:
+        name: a registered name (:func:`list_datasets`).
+        data_dir: folder holding the dataset's files (or a parent holding ``<name>/``); see the module doc
+            for the other places searched.
+        download: fetch the official archive when the files are missing (CIFAR only).
+        val_fraction: in ``[0, 1)``; the fraction of the training split carved out (stratified) as the
+            validation split; 0 -> ``val`` is None. Datasets that ship a validation split use it whenever
+            ``val_fraction > 0``.
+        subset: keep a stratified N-image subset of the training images left after the validation split.
+        seed: seeds the validation carve-out and the subset (the same seed gives the same split; the
+            test split never depends on it).
+        image_size: side of the returned images. Fixed-size datasets are resized (bilinear, antialiased)
+            when it differs from their native size, and their mean/std are then computed from the data;
+            image folders, digits and synthetic images are produced at this size directly.
+        cache_dir: where decoded image folders are cached (default: next to the data, else
+            ``$FUSIONKD_DATA/.cache``, else ``~/.cache/fusionkd``).
+        **options: dataset-specific options (e.g. ``synthetic``: ``num_classes``, ``in_chans``,
+            ``train_size``, ``test_size``; ``imagefolder``: ``channels``); unknown ones raise.
+
+    Returns:
+        :class:`DataSplits` with uint8 images and the :class:`DatasetInfo`.
+
+    Raises:
+        fusionkd.registry.UnknownNameError: ``name`` is not registered (the message lists the names).
+        DatasetNotFoundError: the files are nowhere to be found (the message lists where it looked).
+        ValueError: bad ``val_fraction``, ``subset``, ``image_size`` or option.
+    """
+    entry = DATASETS.entry(name)
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) \
+            or not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
+    if subset is not None and (isinstance(subset, bool) or not isinstance(subset, (int, np.integer))
+                               or subset <= 0):
+        raise ValueError(f"subset must be a positive int or None, got {subset!r}")
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                   or image_size < 4):
+        raise ValueError(f"image_size must be an int >= 4 or None, got {image_size!r}")
+    accepted = [p.name for p in inspect.signature(entry.obj).parameters.values()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"dataset {name!r} has no option(s) {unknown}; accepted options: "
+                         f"{', '.join(accepted) if accepted else 'none'}")
+
+    t0 = time.perf_counter()
+    req = LoadRequest(
+        name=name,
+        data_dir=Path(data_dir).expanduser() if data_dir is not None else None,
+        download=download,
+        image_size=image_size,
+        cache_dir=Path(cache_dir).expanduser() if cache_dir is not None else None,
+    )
+    src = entry.obj(req, **options)
+    num_classes = len(src.classes)
+
+    mean, std = src.mean, src.std
+    if image_size is not None and src.train.images.shape[-1] != image_size:
+        logger.info("resizing %s from %d to %d pixels", name, src.train.images.shape[-1], image_size)
+        resize = lambda d: ArrayDataset(resize_images(d.images, image_size), d.labels)  # noqa: E731
+        src.train, src.test = resize(src.train), resize(src.test)
+        src.val = resize(src.val) if src.val is not None else None
+        mean = std = None
+    if mean is None or std is None:
+        mean, std = channel_stats(src.train.images)
+
+    train, val = src.train, None
+    if val_fraction > 0:
+        if src.val is not None:
+            val = src.val
+        else:
+            tr_idx, val_idx = stratified_split(train.labels.numpy(), val_fraction, seed, num_classes)
+            train, val = train.select(tr_idx), train.select(val_idx)
+    if subset is not None:
+        train = train.select(stratified_subset(train.labels.numpy(), subset, seed, num_classes))
+
+    info = DatasetInfo(
+        name=name,
+        classes=list(src.classes),
+        mean=mean,
+        std=std,
+        in_chans=int(train.images.shape[1]),
+        image_size=int(train.images.shape[-1]),
+    )
+    logger.info("loaded %s in %.2fs: train %d, val %s, test %d images of %dx%dx%d", name,
+                time.perf_counter() - t0, len(train), len(val) if val is not None else "none",
+                len(src.test), info.in_chans, info.image_size, info.image_size)
+    return DataSplits(train=train, val=val, test=src.test, info=info)
+
+
+# ------------------------------------------------------------------------------------ fashion-mnist
+
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+#: Exact statistics of the 60,000 training images.
+FASHION_MNIST_MEAN = (0.2860,)
+FASHION_MNIST_STD = (0.3530,)
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+
+def _find_idx_files(folder: Path) -> tuple[dict[str, Path], list[str]]:
+    """The four files in ``folder`` (``.gz`` or uncompressed) and the names of the missing ones."""
+    found, missing = {}, []
+    for key, stem in FASHION_MNIST_FILES.items():
+        for cand in (folder / f"{stem}.gz", folder / stem):
+            if cand.is_file():
+                found[key] = cand
+                break
+        else:
+            missing.append(f"{stem}.gz")
+    return found, missing
+
+
+@register_dataset("fashion-mnist", "Fashion-MNIST: 60k/10k 28x28 grayscale clothing images, 10 classes "
+                  "(IDX files)", in_chans=1, image_size=28, num_classes=10)
+def _load_fashion_mnist(req: LoadRequest) -> SourceSplits:
+    searched = _candidates(req, FASHION_MNIST_SYSTEM_DIR)
+    partial = []
+    for folder in searched:
+        if not folder.is_dir():
+            continue
+        files, missing = _find_idx_files(folder)
+        if not missing:
+            break
+        if files:
+            partial.append(f"{folder} lacks {', '.join(missing)}")
+    else:
+        detail = ("\nIncomplete folders: " + "; ".join(partial)) if partial else ""
+        raise DatasetNotFoundError(
+            "Fashion-MNIST not found. Searched:\n" + _searched(searched) + detail + "\n"
+            "Install it with `apt-get install dataset-fashion-mnist` (puts it in "
+            f"{FASHION_MNIST_SYSTEM_DIR}), or put the four files "
+            f"{', '.join(s + '.gz' for s in FASHION_MNIST_FILES.values())} in one of the folders above "
+            "(e.g. pass data_dir= or set FUSIONKD_DATA)."
+            + (" Automatic download is not supported for fashion-mnist." if req.download else "")
+        )
+    logger.info("reading Fashion-MNIST from %s", folder)
+    x_tr, y_tr = read_idx_pair(files["train_images"], files["train_labels"])
+    x_te, y_te = read_idx_pair(files["test_images"], files["test_labels"])
+    for path, y in ((files["train_labels"], y_tr), (files["test_labels"], y_te)):
+        if y.min() < 0 or y.max() >= 10:
+            raise DataFormatError(f"{path}: labels outside 0..9 ({y.min()}..{y.max()})")
+    return SourceSplits(
+        train=_dataset(x_tr[:, None], y_tr),
+        test=_dataset(x_te[:, None], y_te),
+        classes=list(FASHION_MNIST_CLASSES),
+        mean=FASHION_MNIST_MEAN,
+        std=FASHION_MNIST_STD,
+    )
+
+
+# ------------------------------------------------------------------------------------------ cifar
+
+
+@dataclass(frozen=True)
+class CifarSpec:
+    folder: str
+    train_files: tuple[str, ...]
+    test_file: str
+    meta_file: str
+    label_key: str
+    names_key: str
+    num_classes: int
+    url: str
+    md5: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def archive(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+
+CIFAR_SPECS = {
+    "cifar10": CifarSpec(
+        folder="cifar-10-batches-py",
+        train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
+        test_file="test_batch",
+        meta_file="batches.meta",
+        label_key="labels",
+        names_key="label_names",
+        num_classes=10,
+        url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        md5="c58f30108f718f92721af3b95e74349a",
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2616),
+    ),
+    "cifar100": CifarSpec(
+        folder="cifar-100-python",
+        train_files=("train",),
+        test_file="test",
+        meta_file="meta",
+        label_key="fine_labels",
+        names_key="fine_label_names",
+        num_classes=100,
+        url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        md5="eb9058c3a382ffc7106e4002c42a8d85",
+        mean=(0.5071, 0.4865, 0.4409),
+        std=(0.2673, 0.2564, 0.2762),
+    ),
+}
+
+
+def _cifar_folder(spec: CifarSpec, candidate: Path) -> Path | None:
+    """``candidate/<spec.folder>`` or ``candidate`` itself if it holds the batches."""
+    for folder in (candidate / spec.folder, candidate):
+        if (folder / spec.test_file).is_file() and (folder / spec.meta_file).is_file():
+            return folder
+    return None
+
+
+def _load_cifar(req: LoadRequest) -> SourceSplits:
+    spec = CIFAR_SPECS[req.name]
+    searched = _candidates(req)
+    target = req.data_dir if req.data_dir is not None else data_root() / req.name
+    hint = (f"Download {spec.url} (md5 {spec.md5}) and either extract it into one of the searched folders "
+            f"(so that <folder>/{spec.folder}/{spec.test_file} exists) or leave the .tar.gz there; it is "
+            "verified and extracted on the next load.")
+    folder = next((f for f in map(lambda c: _cifar_folder(spec, c), searched) if f is not None), None)
+    if folder is None:
+        archive = next((c / spec.archive for c in searched if (c / spec.archive).is_file()), None)
+        if archive is None and req.download:
+            archive = dl.fetch(spec.url, target / spec.archive, spec.md5,
+                               manual_hint=f"{hint} Searched:\n{_searched(searched)}")
+        if archive is not None:
+            dl.verify(archive, spec.md5, manual_hint=hint)
+            logger.info("extracting %s", archive)
+            dl.safe_extract(archive, archive.parent)
+            folder = _cifar_folder(spec, archive.parent)
+            if folder is None:
+                raise DataFormatError(
+                    f"{archive}: extracted, but {spec.folder}/{spec.test_file} is not inside; "
+                    "is it the official archive?"
+                )
+        else:
+            raise DatasetNotFoundError(
+                f"{req.name} not found. Searched:\n{_searched(searched)}\n{hint} "
+                "Or pass download=True on a machine with internet access."
+            )
+    logger.info("reading %s from %s", req.name, folder)
+    missing = [f for f in spec.train_files if not (folder / f).is_file()]
+    if missing:
+        raise DatasetNotFoundError(f"{folder}: missing training batch(es) {missing}; the extraction is "
+                                   f"incomplete. {hint}")
+    parts = [load_cifar_pickle(folder / f, spec.label_key) for f in spec.train_files]
+    x_tr = np.concatenate([p[0] for p in parts])
+    y_tr = np.concatenate([p[1] for p in parts])
+    x_te, y_te = load_cifar_pickle(folder / spec.test_file, spec.label_key)
+    classes = load_cifar_names(folder / spec.meta_file, spec.names_key)
+    if len(classes) != spec.num_classes:
+        raise DataFormatError(
+            f"{folder / spec.meta_file}: {len(classes)} class names, expected {spec.num_classes}"
+        )
+    for y, f in ((y_tr, "training batches"), (y_te, spec.test_file)):
+        if y.min() < 0 or y.max() >= spec.num_classes:
+            raise DataFormatError(f"{folder}: {f} has labels outside 0..{spec.num_classes - 1}")
+    return SourceSplits(train=_dataset(x_tr, y_tr), test=_dataset(x_te, y_te), classes=classes,
+                        mean=spec.mean, std=spec.std)
+
+
+register_dataset("cifar10", "CIFAR-10: 50k/10k 32x32 RGB images, 10 classes (official python batches)",
+                 in_chans=3, image_size=32, num_classes=10)(_load_cifar)
+register_dataset("cifar100", "CIFAR-100: 50k/10k 32x32 RGB images, 100 fine classes (official python "
+                 "batches)", in_chans=3, image_size=32, num_classes=100)(_load_cifar)
+
+
+# ---------------------------------------------------------------------------------- image folders
+
+
+def _cache_locations(req: LoadRequest, root: Path) -> list[Path]:
+    if req.cache_dir is not None:
+        return [req.cache_dir]
+    locs = [root / ".fusionkd_cache"]
+    if os.environ.get("FUSIONKD_DATA"):
+        locs.append(data_root() / ".cache")
+    locs.append(Path.home() / ".cache" / "fusionkd")
+    return locs
+
+
+def _decode_tree(req: LoadRequest, root: Path, splits: dict[str, Path], classes: list[str],
+                 image_size: int) -> tuple[dict[str, ArrayDataset], bool]:
+    """Decode ``split -> folder`` trees into RGB uint8 datasets, through the ``.npy`` cache.
+
+    Returns:
+        ``({split: ArrayDataset (N, 3, S, S)}, all_gray)``.
+    """
+    files = {split: scan_image_tree(folder, classes) for split, folder in splits.items()}
+    key = fingerprint([req.name, str(image_size), ",".join(classes)], sorted(files.items()))
+    root_id = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]
+    cache = ArrayCache(f"{req.name}-{root_id}-", key, _cache_locations(req, root))
+    hit = cache.load()
+    if hit is not None:
+        arrays, meta = hit
+        all_gray = bool(meta["all_gray"])
+    else:
+        t0 = time.perf_counter()
+        n = sum(len(f) for f in files.values())
+        logger.info("decoding %d images of %s (once; cached afterwards)", n, root)
+        arrays, all_gray = {}, True
+        for split, fs in files.items():
+            arrays[f"{split}_images"], gray = decode_images(fs, image_size)
+            arrays[f"{split}_labels"] = np.array([f.label for f in fs], dtype=np.int64)
+            all_gray &= gray
+        logger.info("decoded %d images in %.1fs", n, time.perf_counter() - t0)
+        cache.save(arrays, {"dataset": req.name, "root": str(root.resolve()), "classes": classes,
+                            "image_size": image_size, "all_gray": all_gray,
+                            "counts": {s: len(f) for s, f in files.items()}})
+    return {s: _dataset(arrays[f"{s}_images"], arrays[f"{s}_labels"]) for s in splits}, all_gray
+
+
+CINIC10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+#: Published statistics of CINIC-10 (train + valid + test), https://github.com/BayesWatch/cinic-10.
+CINIC10_MEAN = (0.47889522, 0.47227842, 0.43047404)
+CINIC10_STD = (0.24205776, 0.23828046, 0.25874835)
+
+
+@register_dataset("cinic10", "CINIC-10: 90k/90k/90k 32x32 RGB train/valid/test PNGs, CIFAR-10 classes",
+                  in_chans=3, image_size=32, num_classes=10)
+def _load_cinic10(req: LoadRequest) -> SourceSplits:
+    searched = _candidates(req)
+    root = next((c for c in searched if all((c / s).is_dir() for s in ("train", "valid", "test"))), None)
+    if root is None:
+        raise DatasetNotFoundError(
+            "CINIC-10 not found (a folder with train/, valid/ and test/, each holding the 10 class folders "
+            f"of PNGs). Searched:\n{_searched(searched)}\nDownload CINIC-10.tar.gz from "
+            "https://datashare.ed.ac.uk/handle/10283/3192 and extract it into one of those folders."
+            + (" Automatic download is not supported for cinic10." if req.download else "")
+        )
+    size = req.image_size or 32
+    folders = {s: root / s for s in ("train", "valid", "test")}
+    splits, _ = _decode_tree(req, root, folders, list(CINIC10_CLASSES), size)
+    return SourceSplits(train=splits["train"], val=splits["valid"], test=splits["test"],
+                        classes=list(CINIC10_CLASSES),
+                        mean=CINIC10_MEAN if size == 32 else None, std=CINIC10_STD if size == 32 else None)
+
+
+def _to_gray(images: torch.Tensor) -> torch.Tensor:
+    """RGB uint8 (N, 3, H, W) -> (N, 1, H, W) with Pillow's ``convert("L")`` weights (ITU-R 601-2)."""
+    w = torch.tensor([19595, 38470, 7471], dtype=torch.int32).view(1, 3, 1, 1)
+    return ((images.to(torch.int32) * w).sum(1, keepdim=True) + 32768).bitwise_right_shift(16).to(torch.uint8)
+
+
+@register_dataset("imagefolder", "any root/{train,test[,val]}/<class>/*.png|jpg tree, resized to image_size "
+                  "(default 32)", in_chans=None, image_size=None, num_classes=None)
+def _load_imagefolder(req: LoadRequest, *, channels: str = "auto") -> SourceSplits:
+    """``channels``: ``"auto"`` (grayscale when every image is single-channel, else RGB), ``"rgb"`` or
+    ``"grayscale"``."""
+    if channels not in ("auto", "rgb", "grayscale"):
+        raise ValueError(f"imagefolder channels must be 'auto', 'rgb' or 'grayscale', got {channels!r}")
+    if req.data_dir is None:
+        raise DatasetNotFoundError(
+            "imagefolder needs data_dir=<root>, a folder holding train/<class>/*.png and test/<class>/*.png "
+            "(optionally val/<class>/*.png); jpg/jpeg work too"
+        )
+    root = req.data_dir
+    missing = [s for s in ("train", "test") if not (root / s).is_dir()]
+    if missing:
+        raise DatasetNotFoundError(
+            f"{root}: missing split folder(s) {missing}; expected {root}/train/<class>/*.png and "
+            f"{root}/test/<class>/*.png (optionally {root}/val/<class>/*.png)"
+        )
+    classes = list_classes(root / "train")
+    if not classes:
+        raise DataFormatError(f"{root / 'train'}: no class folders")
+    folders = {"train": root / "train", "test": root / "test"}
+    val_name = next((v for v in ("val", "valid") if (root / v).is_dir()), None)
+    if val_name:
+        folders["val"] = root / val_name
+    splits, all_gray = _decode_tree(req, root, folders, classes, req.image_size or 32)
+    gray = channels == "grayscale" or (channels == "auto" and all_gray)
+    if gray:
+        splits = {s: ArrayDataset(_to_gray(d.images), d.labels) for s, d in splits.items()}
+    return SourceSplits(train=splits["train"], test=splits["test"], val=splits.get("val"), classes=classes)
+
+
+# ------------------------------------------------------------------------------------------ digits
+
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 1797  # fixed: the digits test split never changes
+
+
+@register_dataset("digits", "scikit-learn's bundled 8x8 digits (1,797 images), upsampled to 16x16, fixed "
+                  "80/20 split", in_chans=1, image_size=16, num_classes=10)
+def _load_digits(req: LoadRequest) -> SourceSplits:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise ImportError("the 'digits' dataset needs scikit-learn: pip install scikit-learn "
+                          "(or pip install 'fusionkd[digits]')") from e
+    d = load_digits()
+    x = np.rint(np.asarray(d.images, dtype=np.float64) * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+    y = np.asarray(d.target, dtype=np.int64)
+    images = resize_images(torch.from_numpy(x[:, None].copy()), req.image_size or 16, mode="nearest")
+    tr, te = stratified_split(y, DIGITS_TEST_FRACTION, DIGITS_SPLIT_SEED, 10)
+    labels = torch.from_numpy(y)
+    return SourceSplits(train=ArrayDataset(images[tr], labels[tr]), test=ArrayDataset(images[te], labels[te]),
+                        classes=[str(i) for i in range(10)])
+
+
+# --------------------------------------------------------------------------------------- synthetic
+
+SYNTHETIC_SEED = 20250101
+
+
+def make_synthetic(n: int, num_classes: int, in_chans: int, image_size: int, generator: torch.Generator,
+                   prototypes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` images: the class prototype plus Gaussian noise (std 40 grey levels), balanced labels.
+
+    Returns:
+        ``(images uint8 (n, C, S, S), labels int64 (n,))``.
+    """
+    labels = torch.arange(n) % num_classes
+    labels = labels[torch.randperm(n, generator=generator)]
+    noise = torch.randn((n, in_chans, image_size, image_size), generator=generator) * 40.0
+    images = (prototypes[labels] + noise).round_().clamp_(0, 255).to(torch.uint8)
+    return images, labels
+
+
+@register_dataset("synthetic", "deterministic class-patterned random images for tests and smoke runs "
+                  "(default 10 classes, 3x32x32, 500/200)", in_chans=3, image_size=32, num_classes=10)
+def _load_synthetic(req: LoadRequest, *, num_classes: int = 10, in_chans: int = 3, train_size: int = 500,
+                    test_size: int = 200) -> SourceSplits:
+    """Each class has a smooth random pattern (a 4x4 grid of random colours, bilinearly upsampled, so it
+    survives crops and flips only partly but stays recognisable); images add pixel noise to it. Everything
+    depends only on the options, never on ``seed``."""
+    for key, value, lo in (("num_classes", num_classes, 2), ("in_chans", in_chans, 1),
+                           ("train_size", train_size, 1), ("test_size", test_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+            raise ValueError(f"synthetic {key} must be an int >= {lo}, got {value!r}")
+    if train_size < num_classes:
+        raise ValueError(f"synthetic train_size ({train_size}) must be >= num_classes ({num_classes})")
+    size = req.image_size or 32
+    g = torch.Generator().manual_seed(SYNTHETIC_SEED)
+    grid = torch.rand((num_classes, in_chans, 4, 4), generator=g)
+    prototypes = F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=False) * 175.0 + 40.0
+    x_tr, y_tr = make_synthetic(train_size, num_classes, in_chans, size, g, prototypes)
+    x_te, y_te = make_synthetic(test_size, num_classes, in_chans, size, g, prototypes)
+    return SourceSplits(train=ArrayDataset(x_tr, y_tr), test=ArrayDataset(x_te, y_te),
+                        classes=[f"class_{i}" for i in range(num_classes)])

@@ -1,0 +1,380 @@
+"""The run configuration: one typed schema shared by the CLI, the YAML files and the Python API.
+
+Resolution order (later wins): the defaults below < the method's published recipe
+(``Method.recipe``) < a YAML file (``--config``) < ``key=value`` overrides / API keyword arguments.
+Everything is validated before any work starts: unknown keys, unknown names, wrong types and
+incompatible combinations raise :class:`ConfigError` with what was wrong and what is accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says what is wrong and what is accepted."""
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation, done on whole batches on the device."""
+
+    crop_padding: int = 4  #: pixels of padding for the random crop (0 disables cropping)
+    padding_mode: str = "zero"  #: "zero" or "reflect"
+    flip: bool = True  #: random horizontal flip
+    cutout: int = 0  #: side of the cutout square (0 disables)
+
+
+@dataclass
+class Config:
+    """Every option of a training run. See ``docs/config.md`` for the full reference."""
+
+    # -- what to train
+    method: str = "baseline"  #: registered method name (``fusionkd list``)
+    model: str = "resnet20"  #: zoo name of the main network (student / deployed network)
+    models: list[str] | None = None  #: peer networks of online methods (heterogeneous FFL)
+    teacher: str | None = None  #: checkpoint of a pre-trained teacher (offline methods)
+    options: dict[str, Any] = field(default_factory=dict)  #: the method's own options
+    # -- data
+    dataset: str = "fashion-mnist"  #: registered dataset name (``fusionkd list``)
+    dataset_options: dict[str, Any] = field(default_factory=dict)  #: e.g. synthetic: num_classes, in_chans
+    data_dir: str | None = None  #: folder of the dataset files (see docs/data.md for the search order)
+    download: bool = False  #: fetch the official archive when missing (CIFAR; needs internet)
+    val_fraction: float = 0.1  #: share of train held out for validation (model selection)
+    subset: int | None = None  #: stratified training subset size (after the validation split)
+    data_seed: int = 0  #: seed of the validation split and subset (fixed across run seeds)
+    image_size: int | None = None  #: resize for imagefolder-like data
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # -- optimisation
+    epochs: int = 30  #: length of the run; schedules and ramp-ups scale with it
+    batch_size: int = 128  #: training batch (per process under torchrun)
+    optimizer: str = "sgd"  #: "sgd" or "adamw"
+    lr: float = 0.1  #: base learning rate
+    momentum: float = 0.9  #: SGD momentum
+    nesterov: bool = False  #: Nesterov momentum (SGD)
+    weight_decay: float = 5e-4  #: decay of the networks (a method may give its own modules another)
+    schedule: str = "multistep"  #: "multistep", "cosine" or "constant"
+    milestones: list[int] | None = None  #: multistep epochs; default 50 % and 75 % of ``epochs``
+    gamma: float = 0.1  #: multistep factor
+    warmup_epochs: float = 0.0  #: linear warm-up from 0 over this many epochs
+    lr_scale: str = "none"  #: "none" or "linear" (lr × world size under torchrun)
+    sync_bn: bool = False  #: SyncBatchNorm under torchrun (CUDA only); default: per-rank batch statistics
+    grad_clip: float | None = None  #: clip the global gradient norm to this value
+    # -- runtime
+    device: str = "auto"  #: "auto", "cpu", "cuda" or "cuda:N"
+    precision: str = "fp32"  #: "fp32", "bf16" (CPU and CUDA) or "fp16" (CUDA, with a grad scaler)
+    channels_last: bool = False
+    compile: bool = False  #: torch.compile every network of the method
+    threads: int | None = None  #: torch intra-op threads (CPU)
+    seed: int = 0  #: seeds torch/numpy/python and the loader (shuffling, augmentation draws)
+    eval_every: int = 1  #: evaluate every N epochs (and always after the last)
+    eval_batch_size: int = 512  #: batch of the evaluation passes
+    # -- output
+    out_dir: str = "runs"  #: parent folder of run folders
+    name: str | None = None  #: run folder name; default ``{dataset}/{method}-{model}-s{seed}``
+    tensorboard: bool = False  #: also write TensorBoard events (needs the tensorboard package)
+    progress: str = "auto"  #: "auto" (bar on a terminal, log lines otherwise), "bar", "log", "none"
+    log_every: int = 50  #: steps between progress refreshes (each costs one host sync)
+
+    # ------------------------------------------------------------------ conversions
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def run_name(self) -> str:
+        return self.name or f"{self.dataset}/{self.method}-{self.model}-s{self.seed}"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.run_name
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "optimizer": ("sgd", "adamw"),
+    "schedule": ("multistep", "cosine", "constant"),
+    "precision": ("fp32", "bf16", "fp16"),
+    "lr_scale": ("none", "linear"),
+    "progress": ("auto", "bar", "log", "none"),
+    "augment.padding_mode": ("zero", "reflect"),
+}
+
+
+# ---------------------------------------------------------------------- type checking
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _check(value: Any, tp: Any, where: str) -> Any:
+    """Return ``value`` converted to ``tp`` (int -> float only) or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list of {_type_name(args[0])}, got {value!r}")
+        return [_check(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return build_dataclass(tp, value, where)
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
+
+
+def build_dataclass(cls: type, values: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, type-checking every field and rejecting unknown keys."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=2)
+            hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise ConfigError(f"unknown option {path!r}.{hint} Accepted: {', '.join(names) or '(none)'}")
+        kwargs[key] = _check(value, hints[key], path)
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------- merging
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"augment.flip=false"`` -> ``("augment.flip", False)``; values are read as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value (e.g. epochs=10, options.peers=3)")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-").replace("-", "_")
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"augment.flip": False}`` -> ``{"augment": {"flip": False}}``."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        parts = key.split(".")
+        node = out
+        for p in parts[:-1]:
+            existing = node.get(p)
+            if existing is None:
+                node[p] = existing = {}
+            elif not isinstance(existing, dict):
+                raise ConfigError(f"{key!r}: {p!r} is not a section")
+            node = existing
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+            node[parts[-1]] = deep_merge(node[parts[-1]], value)
+        else:
+            node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("options", "dataset_options"):
+            out[key] = deep_merge(out[key], value)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of options, got {type(data).__name__}")
+    return data
+
+
+def resolve_config(
+    *layers: dict[str, Any] | None, config_file: str | Path | None = None, overrides: list[str] | None = None
+) -> Config:
+    """Merge ``layers`` (nested dicts, later wins), a YAML file and ``key=value`` overrides, insert the
+    chosen method's recipe under them, then type-check and validate.
+
+    The method's recipe is inserted just above the defaults, so anything the user states wins.
+    """
+    user: dict[str, Any] = {}
+    if config_file is not None:
+        user = deep_merge(user, load_yaml(config_file))
+    for layer in layers:
+        if layer:
+            user = deep_merge(user, nest(layer))
+    if overrides:
+        user = deep_merge(user, nest(dict(parse_override(o) for o in overrides)))
+    method_name = user.get("method", Config.method)
+    recipe: dict[str, Any] = {}
+    from ..methods import METHODS  # local import: methods depend on models, config must stay light
+
+    if isinstance(method_name, str) and method_name in METHODS:
+        recipe = dict(getattr(METHODS.get(method_name), "recipe", {}) or {})
+    cfg = build_dataclass(Config, deep_merge(nest(recipe), user))
+    validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------- validation
+def _choice(value: str, key: str) -> None:
+    accepted = CHOICES[key]
+    if value not in accepted:
+        raise ConfigError(f"{key}={value!r} is not accepted; choose one of: {', '.join(accepted)}")
+
+
+def validate(cfg: Config) -> None:
+    """Reject names that do not exist, values out of range and incompatible combinations."""
+    from ..data import DATASETS
+    from ..methods import METHODS
+    from ..models import MODELS
+    from ..registry import UnknownNameError
+
+    for key in ("optimizer", "schedule", "precision", "lr_scale", "progress"):
+        _choice(getattr(cfg, key), key)
+    _choice(cfg.augment.padding_mode, "augment.padding_mode")
+    try:
+        method_cls = METHODS.get(cfg.method)
+        MODELS.entry(cfg.model)
+        for m in cfg.models or []:
+            MODELS.entry(m)
+        DATASETS.entry(cfg.dataset)
+    except UnknownNameError as e:
+        raise ConfigError(str(e)) from None
+    positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "eval_every": cfg.eval_every,
+                "eval_batch_size": cfg.eval_batch_size, "log_every": cfg.log_every}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}")
+    if cfg.lr <= 0:
+        raise ConfigError(f"lr must be positive, got {cfg.lr}")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
+    if cfg.weight_decay < 0 or cfg.momentum < 0 or cfg.warmup_epochs < 0:
+        raise ConfigError("weight_decay, momentum and warmup_epochs must not be negative")
+    if cfg.nesterov and cfg.optimizer != "sgd":
+        raise ConfigError("nesterov=true needs optimizer=sgd")
+    if cfg.nesterov and cfg.momentum <= 0:
+        raise ConfigError("nesterov=true needs momentum > 0")
+    if cfg.milestones is not None:
+        if cfg.schedule != "multistep":
+            raise ConfigError(f"milestones are only used by schedule=multistep, not {cfg.schedule!r}")
+        if sorted(cfg.milestones) != cfg.milestones or any(m < 1 or m >= cfg.epochs for m in cfg.milestones):
+            raise ConfigError(
+                f"milestones must be increasing epochs between 1 and epochs-1={cfg.epochs - 1}, "
+                f"got {cfg.milestones}"
+            )
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ConfigError(f"threads must be at least 1, got {cfg.threads}")
+    dev = cfg.device
+    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise ConfigError(f"device={dev!r} is not accepted; use auto, cpu, cuda or cuda:N")
+    if cfg.precision == "fp16" and resolve_device(dev).type != "cuda":
+        raise ConfigError("precision=fp16 needs a CUDA device; on CPU use precision=bf16 or fp32")
+    if cfg.subset is not None and cfg.subset < 1:
+        raise ConfigError(f"subset must be a positive number of images, got {cfg.subset}")
+    # method-specific checks
+    if method_cls.needs_teacher and not cfg.teacher:
+        raise ConfigError(
+            f"method {cfg.method!r} distils from a pre-trained teacher: pass --teacher CHECKPOINT "
+            f"(a best.pt/last.pt from `fusionkd train --method baseline ...`)"
+        )
+    if cfg.teacher and not method_cls.needs_teacher:
+        raise ConfigError(f"method {cfg.method!r} does not use a teacher; remove --teacher")
+    if cfg.models and not getattr(method_cls, "accepts_models", False):
+        accepting = [e.name for e in METHODS.entries() if getattr(e.obj, "accepts_models", False)]
+        raise ConfigError(
+            f"method {cfg.method!r} trains one network; `models` (a list of peers) is accepted by: "
+            f"{', '.join(accepting) or '(no installed method)'}"
+        )
+    import inspect
+
+    loader = DATASETS.get(cfg.dataset)
+    accepted = [p.name for p in inspect.signature(loader).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    unknown = sorted(set(cfg.dataset_options) - set(accepted))
+    if unknown:
+        raise ConfigError(f"dataset {cfg.dataset!r} has no option(s) {', '.join(unknown)}; accepted "
+                          f"dataset_options: {', '.join(accepted) or '(none)'}")
+    build_options(method_cls, cfg.options, cfg.method)
+
+
+def build_options(method_cls: type, options: dict[str, Any], method_name: str) -> Any:
+    """The method's typed ``Options`` dataclass from the ``options:`` mapping."""
+    try:
+        opts = build_dataclass(method_cls.Options, options or {}, "options")
+    except ConfigError as e:
+        raise ConfigError(f"method {method_name!r}: {e}") from None
+    check = getattr(opts, "validate", None)
+    if callable(check):
+        try:
+            check()
+        except ValueError as e:
+            raise ConfigError(f"method {method_name!r}: {e}") from None
+    return opts
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} was asked for but CUDA is not available here; use device=cpu")
+    return torch.device(name)

@@ -1,0 +1,683 @@
+"""The training engine: one loop for every method.
+
+It owns everything a method must not: devices, precision, ``torch.compile``, the optimizer and schedule,
+evaluation of every head, checkpoints (atomic), exact resume, the NaN guard, logging and the run folder.
+
+Run folder layout (``out_dir/name``)::
+
+    config.yaml      the fully resolved config
+    metrics.jsonl    one JSON line per epoch: loss terms, every head's val/test accuracy, lr, time, img/s
+    train.log        the log of every invocation (appended on resume)
+    last.pt          checkpoint after the last finished epoch (everything needed to resume exactly)
+    best.pt          checkpoint of the epoch with the best validation accuracy of the deploy head
+    summary.json     best (by validation) and last epoch accuracies, time, throughput, parameters
+    tb/              TensorBoard events (tensorboard=true)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import platform
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import __version__
+from ..data import DatasetInfo, DataSplits, DeviceLoader, load_dataset
+from ..methods import METHODS, Method, MethodContext, Teacher, count_parameters
+from . import distributed as D
+from .checkpoint import (
+    FORMAT,
+    VERSION,
+    CheckpointError,
+    atomic_save,
+    atomic_write_text,
+    build_deploy_model,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+)
+from .config import Config, ConfigError, build_options
+from .optim import build_optimizer, build_scheduler
+from .progress import Progress
+
+log = logging.getLogger("fusionkd")
+
+#: options that may differ when a run is resumed (everything else must match the checkpoint)
+RESUME_MUTABLE = {"epochs", "progress", "log_every", "threads", "eval_batch_size", "tensorboard", "device"}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class RunResult:
+    """What ``fusionkd.train`` returns: the run folder and its summary."""
+
+    run_dir: Path
+    summary: dict[str, Any]
+    config: Config
+
+    @property
+    def deploy_head(self) -> str:
+        return self.summary["deploy_head"]
+
+    @property
+    def best_test_accuracy(self) -> float:
+        """Test accuracy (%) of the deploy head at the epoch of best validation accuracy."""
+        return self.summary["best"]["test"][self.deploy_head]
+
+    @property
+    def last_test_accuracy(self) -> float:
+        """Test accuracy (%) of the deploy head after the last epoch."""
+        return self.summary["last"]["test"][self.deploy_head]
+
+    def load_deploy_model(self, which: str = "best") -> nn.Module:
+        """The deployed network (``which`` = "best" or "last"), rebuilt from the checkpoint."""
+        return build_deploy_model(load_checkpoint(self.run_dir / f"{which}.pt"))
+
+
+# ---------------------------------------------------------------------- helpers
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def autocast_context(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def hardware_info(device: torch.device) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info = {"cpu": cpu, "threads": torch.get_num_threads(), "device": str(device), "torch": str(torch.__version__),
+            "python": platform.python_version(), "fusionkd": __version__}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def check_teacher_matches(meta: dict[str, Any], info: DatasetInfo, source: str) -> None:
+    """Raise ConfigError naming every way the teacher's data differs from the run's."""
+    t = meta.get("data") or {}
+    problems = []
+    if t.get("name") != info.name:
+        problems.append(f"dataset {t.get('name')!r} vs {info.name!r}")
+    if list(t.get("classes") or []) != list(info.classes):
+        problems.append(f"{len(t.get('classes') or [])} classes vs {len(info.classes)} (or different names)")
+    if t.get("in_chans") != info.in_chans:
+        problems.append(f"{t.get('in_chans')} input channels vs {info.in_chans}")
+    if t.get("image_size") != info.image_size:
+        problems.append(f"input size {t.get('image_size')} vs {info.image_size}")
+    if not problems and not (
+        np.allclose(t.get("mean"), info.mean, atol=1e-4) and np.allclose(t.get("std"), info.std, atol=1e-4)
+    ):
+        problems.append(f"normalisation mean/std {t.get('mean')}/{t.get('std')} vs {info.mean}/{info.std}")
+    if problems:
+        raise ConfigError(
+            f"the teacher {source} does not match this run's data: " + "; ".join(problems)
+            + ". Train the teacher on the same dataset (fusionkd train --method baseline --dataset "
+            + f"{info.name} ...) and pass its best.pt"
+        )
+
+
+def warn_if_teacher_saw_validation(teacher_cfg: dict[str, Any] | None, cfg: Config, source: str) -> bool:
+    """Log a warning (and return True) when the teacher was not trained with this run's validation split.
+
+    The validation split is carved from the training images with ``val_fraction`` and ``data_seed``; a
+    teacher trained with other values (or without a validation split) has most likely trained on this
+    run's validation images, which makes the student's validation accuracy, and so the choice of
+    ``best.pt``, optimistic. Test accuracy is unaffected (no run ever trains on the test split).
+    """
+    if cfg.val_fraction <= 0:
+        return False
+    t = teacher_cfg or {}
+    seen = {k: t.get(k) for k in ("val_fraction", "data_seed", "dataset_options")}
+    ours = {"val_fraction": cfg.val_fraction, "data_seed": cfg.data_seed,
+            "dataset_options": getattr(cfg, "dataset_options", {}) or {}}
+    seen["dataset_options"] = seen["dataset_options"] or {}
+    if seen == ours:
+        return False
+    log.warning(
+        "the teacher %s was trained with val_fraction=%s, data_seed=%s, dataset_options=%s, but this run holds out "
+        "val_fraction=%s, data_seed=%s, dataset_options=%s: the teacher has probably trained on this run's "
+        "validation images, so the student's validation accuracy (and the best.pt choice) is optimistic; test "
+        "accuracy is unaffected. Train the teacher with the same val_fraction and data_seed to avoid this",
+        source, seen["val_fraction"], seen["data_seed"], seen["dataset_options"], ours["val_fraction"],
+        ours["data_seed"], ours["dataset_options"],
+    )
+    return True
+
+
+def load_teacher(path: str, info: DatasetInfo, device: torch.device, cfg: Config | None = None) -> Teacher:
+    """Load a baseline (or any fusionkd) checkpoint's deploy network as a frozen teacher.
+
+    ``cfg`` (the student run's config) enables the check that the teacher did not train on the run's
+    validation images (a warning, see :func:`warn_if_teacher_saw_validation`).
+    """
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        raise ConfigError(f"teacher: {e}") from None
+    check_teacher_matches(ckpt, info, repr(str(path)))
+    teacher_cfg = ckpt.get("config") or {}
+    split_warning = warn_if_teacher_saw_validation(teacher_cfg, cfg, repr(str(path))) if cfg is not None else None
+    model = build_deploy_model(ckpt).to(device)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    dep = ckpt["deploy"]
+    meta = {
+        "path": str(path),
+        "model": dep["model"],
+        "model_kwargs": dict(dep.get("model_kwargs") or {}),
+        "data": ckpt.get("data"),
+        "method": (ckpt.get("config") or {}).get("method"),
+        "test_accuracy": ((ckpt.get("metrics") or {}).get("test") or {}).get(dep.get("head")),
+        "val_accuracy": ((ckpt.get("metrics") or {}).get("val") or {}).get(dep.get("head")),
+        "val_fraction": teacher_cfg.get("val_fraction"),
+        "data_seed": teacher_cfg.get("data_seed"),
+        "saw_validation_split": split_warning,
+    }
+    return Teacher(model=model, model_name=dep["model"], meta=meta)
+
+
+def _teacher_from_meta(meta: dict[str, Any], info: DatasetInfo, device: torch.device) -> Teacher:
+    """A teacher network of the recorded architecture, weights to be filled by ``method_state``."""
+    from ..models import create_model
+
+    model = create_model(meta["model"], num_classes=len(info.classes), in_chans=info.in_chans,
+                         **dict(meta.get("model_kwargs") or {})).to(device)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return Teacher(model=model, model_name=meta["model"], meta=dict(meta))
+
+
+def build_method(cfg: Config, info: DatasetInfo, device: torch.device,
+                 teacher_meta: dict[str, Any] | None = None) -> Method:
+    """Construct the configured method for data ``info`` (loading the teacher when it needs one)."""
+    method_cls = METHODS.get(cfg.method)
+    options = build_options(method_cls, cfg.options, cfg.method)
+    teacher = None
+    if method_cls.needs_teacher:
+        if teacher_meta is not None:
+            teacher = _teacher_from_meta(teacher_meta, info, device)
+        else:
+            teacher = load_teacher(cfg.teacher, info, device, cfg)
+    ctx = MethodContext(
+        model=cfg.model, models=list(cfg.models or []), num_classes=len(info.classes), in_chans=info.in_chans,
+        image_size=info.image_size, epochs=cfg.epochs, teacher=teacher,
+    )
+    method = method_cls(ctx, options)
+    return method.to(device)
+
+
+def compile_networks(method: nn.Module) -> int:
+    """``torch.compile`` every stem, stage and head of every backbone inside ``method`` (in place,
+    state-dict keys unchanged). Stage granularity keeps methods free to call ``forward_stages``."""
+    done = 0
+    for module in method.modules():
+        if hasattr(module, "forward_stages") and hasattr(module, "stages"):
+            parts = list(module.stages) + [getattr(module, "stem", None), getattr(module, "head", None)]
+            for part in parts:
+                if isinstance(part, nn.Module) and not getattr(part, "_fusionkd_compiled", False):
+                    part.compile()
+                    part._fusionkd_compiled = True
+                    done += 1
+    return done
+
+
+@torch.inference_mode()
+def evaluate(method: Method, loader: DeviceLoader, amp, dist_info: D.DistInfo | None = None) -> dict[str, float]:
+    """Top-1 accuracy (%) of every head; counts stay on the device until the end (one sync). Under
+    torchrun each rank evaluates its shard and the counts are summed, so every rank gets the same numbers."""
+    method.eval()
+    correct: dict[str, torch.Tensor] = {}
+    total = 0
+    for images, labels in loader:
+        with amp:
+            heads = method.eval_logits(images)
+        for name, logits in heads.items():
+            hit = (logits.argmax(dim=1) == labels).sum()
+            correct[name] = correct[name] + hit if name in correct else hit
+        total += labels.numel()
+    names = sorted(correct)
+    device = next(iter(correct.values())).device if correct else torch.device("cpu")
+    counts = torch.stack([correct[n] for n in names] + [torch.tensor(total, device=device)]).to(torch.float64)
+    if dist_info is not None:
+        D.all_reduce_sum(counts, dist_info)
+    counts = counts.tolist()
+    return {n: 100.0 * c / max(counts[-1], 1) for n, c in zip(names, counts[:-1])}
+
+
+# ---------------------------------------------------------------------- the run
+class Trainer:
+    """Trains one configured run; ``Trainer(cfg).fit()`` or ``Trainer.resume(run_dir).fit()``."""
+
+    def __init__(self, cfg: Config, run_dir: Path | None = None, *, overwrite: bool = False,
+                 _resume_ckpt: dict[str, Any] | None = None) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir
+        self.resume_ckpt = _resume_ckpt
+        self.overwrite = overwrite
+        #: train at most this many epochs in this invocation, then stop (resumable, no summary yet)
+        self.stop_after: int | None = None
+        #: the trained method after ``fit()`` (for tests and programmatic use)
+        self.method: Method | None = None
+        self.dist = D.env_info()
+        if _resume_ckpt is None and not self.dist.enabled:
+            self._prepare_fresh_dir(overwrite)  # fail before any work; under torchrun rank 0 does it in fit()
+
+    # -------------------------------------------------------------- construction
+    @classmethod
+    def resume(cls, run_dir: str | Path, overrides: dict[str, Any] | None = None) -> Trainer:
+        """Continue the run in ``run_dir`` from its ``last.pt``, exactly where it stopped.
+
+        Only options in ``RESUME_MUTABLE`` may change (e.g. ``epochs`` to extend a finished run).
+        """
+        from .config import build_dataclass, deep_merge, nest, validate
+
+        run_dir = Path(run_dir)
+        if not (run_dir / "last.pt").is_file():
+            raise CheckpointError(f"cannot resume {str(run_dir)!r}: it has no last.pt (nothing finished yet?)")
+        ckpt = load_checkpoint(run_dir / "last.pt")
+        base = dict(ckpt["config"])
+        changes = nest(overrides or {})
+        bad = sorted(k for k in changes if k not in RESUME_MUTABLE and changes[k] != base.get(k))
+        if bad:
+            raise ConfigError(
+                f"cannot change {', '.join(bad)} when resuming (the checkpoint was made with other values); "
+                f"options that may change on resume: {', '.join(sorted(RESUME_MUTABLE))}"
+            )
+        cfg = build_dataclass(Config, deep_merge(base, changes))
+        validate(cfg)
+        if cfg.epochs < ckpt["epoch"]:
+            raise ConfigError(f"epochs={cfg.epochs} is less than the {ckpt['epoch']} epochs already trained")
+        return cls(cfg, run_dir, _resume_ckpt=ckpt)
+
+    def _prepare_fresh_dir(self, overwrite: bool) -> None:
+        d = self.run_dir
+        if d.exists() and {p.name for p in d.iterdir()} == {"train.log"}:
+            # a run that failed before its first step (e.g. a teacher that does not match the data): start over
+            shutil.rmtree(d)
+        if d.exists() and any(d.iterdir()):
+            if not overwrite:
+                what = "a finished run" if (d / "summary.json").exists() else "an unfinished run"
+                raise ConfigError(
+                    f"run folder {str(d)!r} already holds {what}. Resume it with `fusionkd train --resume {d}`, "
+                    "choose another name=/out_dir=, or pass --overwrite to replace it"
+                )
+            shutil.rmtree(d)
+        d.mkdir(parents=True, exist_ok=True)
+
+    # -------------------------------------------------------------- main loop
+    def fit(self) -> RunResult:
+        self.dist, self.device = D.setup(self.cfg.device)
+        started_group = self.dist.enabled
+        try:
+            if self.dist.enabled and self.resume_ckpt is None:
+                err = None
+                if self.dist.is_main:
+                    try:
+                        self._prepare_fresh_dir(self.overwrite)
+                    except ConfigError as e:
+                        err = str(e)
+                err = D.broadcast_object(err, self.dist)
+                if err:
+                    raise ConfigError(err)
+            handler = None
+            if self.dist.is_main:
+                handler = logging.FileHandler(self.run_dir / "train.log")
+                handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+                log.addHandler(handler)
+            try:
+                return self._fit()
+            finally:
+                if handler is not None:
+                    log.removeHandler(handler)
+                    handler.close()
+        finally:
+            if started_group:
+                D.cleanup(self.dist)
+
+    def _fit(self) -> RunResult:
+        cfg = self.cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        device, dist_info, main = self.device, self.dist, self.dist.is_main
+        seed_everything(cfg.seed)  # the same seed on every rank: identical initial weights
+
+        splits: DataSplits = load_dataset(
+            cfg.dataset, cfg.data_dir, download=cfg.download, val_fraction=cfg.val_fraction,
+            subset=cfg.subset, seed=cfg.data_seed, image_size=cfg.image_size, **cfg.dataset_options,
+        )
+        info = splits.info
+        ckpt = self.resume_ckpt
+        teacher_meta = (ckpt or {}).get("teacher")
+        method = build_method(cfg, info, device, teacher_meta=teacher_meta)
+        if cfg.sync_bn and dist_info.enabled:
+            method = D.convert_sync_batchnorm(method, device)
+        if cfg.channels_last:
+            method = method.to(memory_format=torch.channels_last)
+        self.method = method
+        deploy_name = getattr(method, "deploy_model_name", cfg.model)
+
+        aug = cfg.augment
+        train_loader = DeviceLoader(
+            splits.train, info, batch_size=cfg.batch_size, train=True, device=device,
+            crop_padding=aug.crop_padding, padding_mode=aug.padding_mode, flip=aug.flip, cutout=aug.cutout,
+            seed=cfg.seed, channels_last=cfg.channels_last, rank=dist_info.rank, world_size=dist_info.world_size,
+        )
+        eval_kw = dict(batch_size=cfg.eval_batch_size, train=False, device=device, channels_last=cfg.channels_last,
+                       rank=dist_info.rank, world_size=dist_info.world_size)
+        val_loader = DeviceLoader(splits.val, info, **eval_kw) if splits.val is not None and len(splits.val) else None
+        test_loader = DeviceLoader(splits.test, info, **eval_kw)
+        if len(train_loader) == 0:
+            raise ConfigError(
+                f"batch_size={cfg.batch_size} is larger than the {len(splits.train)} training images "
+                "(drop_last leaves no batch); lower batch_size or raise subset"
+            )
+
+        lr = cfg.lr * (dist_info.world_size if cfg.lr_scale == "linear" else 1)
+        optimizer = build_optimizer(method.param_groups(cfg.weight_decay), cfg, lr)
+        scheduler = build_scheduler(optimizer, cfg, len(train_loader))
+        scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+
+        start_epoch = 0
+        best: dict[str, Any] | None = None
+        if ckpt is not None:
+            method.load_state_dict(ckpt["method_state"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            if scaler is not None and ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+            set_rng_state(ckpt["rng"])
+            start_epoch = int(ckpt["epoch"])
+            best = ckpt.get("best")
+            if main:
+                self._truncate_metrics(start_epoch)
+            log.info("resumed %s at epoch %d of %d", self.run_dir, start_epoch, cfg.epochs)
+        elif main:
+            atomic_write_text(cfg.to_yaml(), self.run_dir / "config.yaml")
+        if cfg.compile:
+            n = compile_networks(method)
+            log.info("torch.compile: %d network parts compiled (first steps are slow while compiling)", n)
+
+        amp = autocast_context(device, cfg.precision)
+        params = {"deploy": count_parameters(method.deploy_model()), "extra": int(method.extra_parameters()),
+                  "total": count_parameters(method)}
+        data_sizes = {"train": len(splits.train), "val": len(splits.val) if splits.val is not None else 0,
+                      "test": len(splits.test)}
+        log.info("%s on %s: %s, %s deploy params, %s extra; data %s; device %s, %s, %d threads%s",
+                 cfg.method, cfg.dataset, cfg.model, f"{params['deploy']:,}", f"{params['extra']:,}", data_sizes,
+                 device, cfg.precision, torch.get_num_threads(),
+                 f"; rank {dist_info.rank} of {dist_info.world_size}, global batch "
+                 f"{cfg.batch_size * dist_info.world_size}, lr {lr:g}" if dist_info.enabled else "")
+        if method.ctx.teacher is not None:
+            acc = method.ctx.teacher.meta.get("test_accuracy")
+            log.info("teacher %s (%s), recorded test accuracy %s", method.ctx.teacher.model_name,
+                     method.ctx.teacher.meta.get("path"), f"{acc:.2f}%" if acc is not None else "n/a")
+
+        writer = self._tensorboard() if cfg.tensorboard and main else None
+        progress = Progress(cfg.progress if main else "none", cfg.epochs, len(train_loader), start_epoch)
+        self._model, self._signature = method, None
+        common = {"config": cfg.to_dict(), "data": {**info.to_dict(), "sizes": data_sizes},
+                  "deploy_name": deploy_name, "teacher": self._teacher_meta(method)}
+        last_metrics: dict[str, Any] = (ckpt or {}).get("metrics") or {}
+        end_epoch = cfg.epochs if self.stop_after is None else min(cfg.epochs, start_epoch + self.stop_after)
+        try:
+            for epoch in range(start_epoch, end_epoch):
+                metrics = self._train_epoch(method, optimizer, scheduler, scaler, train_loader, epoch, amp,
+                                            progress, device)
+                if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                    t0 = time.perf_counter()
+                    val = evaluate(method, val_loader, amp, dist_info) if val_loader is not None else {}
+                    test = evaluate(method, test_loader, amp, dist_info)
+                    method.on_validation(val)
+                    metrics.update(val=val, test=test, time_eval_s=time.perf_counter() - t0)
+                metrics["deploy_head"] = method.deploy_head
+                best = self._update_best(best, metrics, method.deploy_head)
+                last_metrics = metrics
+                if main:
+                    self._append_metrics(metrics)
+                    if writer is not None:
+                        self._write_tensorboard(writer, metrics)
+                    state = self._checkpoint(method, optimizer, scheduler, scaler, epoch + 1, metrics, best, common)
+                    atomic_save(state, self.run_dir / "last.pt")
+                    if best is not None and best["epoch"] == epoch + 1:
+                        atomic_save(state, self.run_dir / "best.pt")
+                progress.epoch_end(epoch, self._epoch_line(metrics, method.deploy_head))
+                D.barrier(dist_info)  # no rank runs ahead of the checkpoint it could resume from
+        finally:
+            progress.close()
+            if writer is not None:
+                writer.close()
+
+        if end_epoch < cfg.epochs:
+            log.info("stopped after epoch %d of %d as asked; continue with `fusionkd train --resume %s`",
+                     end_epoch, cfg.epochs, self.run_dir)
+            return RunResult(self.run_dir, {"finished": False, "epoch": end_epoch, "best": best,
+                                            "deploy_head": method.deploy_head}, cfg)
+        summary = None
+        if main:
+            summary = self._summary(method, best, last_metrics, params, data_sizes, info, device)
+            atomic_write_text(json.dumps(summary, indent=2), self.run_dir / "summary.json")
+        summary = D.broadcast_object(summary, dist_info)
+        return RunResult(self.run_dir, summary, cfg)
+
+    def _train_epoch(self, method: Method, optimizer, scheduler, scaler, loader: DeviceLoader, epoch: int, amp,
+                     progress: Progress, device: torch.device) -> dict[str, Any]:
+        cfg = self.cfg
+        method.on_epoch_start(epoch)
+        method.train()
+        loader.set_epoch(epoch)
+        model = self._wrapped(method, device)
+        sums: dict[str, torch.Tensor] = {}
+        bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        lr0 = optimizer.param_groups[0]["lr"]
+        n_seen = 0
+        t0 = time.perf_counter()
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        steps = 0
+        for step, (images, labels) in enumerate(loader):
+            with amp:
+                terms = model(images, labels, epoch)  # Method.forward is training_step (DDP needs forward)
+            if not terms:
+                raise RuntimeError(f"method {cfg.method!r} returned no loss terms")
+            loss = sum(v.float() for v in terms.values())
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                if cfg.grad_clip:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                optimizer.step()
+            scheduler.step()
+            for k, v in terms.items():
+                v = v.detach().float()
+                sums[k] = sums[k] + v if k in sums else v
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
+            n_seen += labels.shape[0]
+            steps = step + 1
+            if steps % cfg.log_every == 0:
+                self._check_finite(bad_step, epoch)
+                mean_loss = float(sum(sums.values()).item()) / steps
+                progress.step(epoch, steps, mean_loss, n_seen / (time.perf_counter() - t0))
+        self._check_finite(bad_step, epoch)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - t0
+        names = sorted(sums)
+        means = torch.stack([sums[k] for k in names]) / max(steps, 1)
+        means = (D.all_reduce_sum(means, self.dist) / self.dist.world_size).tolist()
+        losses = dict(zip(names, means))
+        n_seen *= self.dist.world_size
+        return {
+            "epoch": epoch + 1,
+            "lr": lr0,
+            "train": {"loss": sum(losses.values()), **losses},
+            "time_train_s": elapsed,
+            "img_per_s": n_seen / elapsed if elapsed > 0 else 0.0,
+        }
+
+    def _wrapped(self, method: Method, device: torch.device) -> nn.Module:
+        """The method itself, or under torchrun one DDP wrapper around it, rebuilt whenever the set of
+        trainable parameters changed (e.g. a module frozen at a stage switch)."""
+        if not self.dist.enabled:
+            return method
+        sig = D.trainable_signature(method)
+        if sig != self._signature:
+            self._model, self._signature = D.wrap(method, self.dist, device), sig
+        return self._model
+
+    def _check_finite(self, bad_step: torch.Tensor, epoch: int) -> None:
+        step = int(D.all_reduce_max(bad_step.clone(), self.dist).item())
+        if step >= 0:
+            kept = "last.pt keeps the last good epoch" if (self.run_dir / "last.pt").exists() else "no epoch finished"
+            raise NonFiniteLossError(
+                f"the training loss became NaN/inf at epoch {epoch + 1}, step {step + 1}; stopping ({kept}). "
+                "Try a lower lr, precision=fp32, grad_clip=..., or check the method's loss weights"
+            )
+
+    # -------------------------------------------------------------- bookkeeping
+    @staticmethod
+    def _update_best(best: dict[str, Any] | None, metrics: dict[str, Any], head: str) -> dict[str, Any] | None:
+        """Best epoch by validation accuracy of the deploy head (never by test accuracy).
+
+        Without a validation split the last evaluated epoch stands in (selection = "last").
+        """
+        if "test" not in metrics:
+            return best
+        val = metrics.get("val") or {}
+        entry = {"epoch": metrics["epoch"], "val": val, "test": metrics["test"],
+                 "selection": "val" if head in val else "last"}
+        if best is None or head not in val or val[head] > (best.get("val") or {}).get(head, -math.inf):
+            return entry
+        return best
+
+    def _append_metrics(self, metrics: dict[str, Any]) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+
+    def _truncate_metrics(self, epochs_done: int) -> None:
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= epochs_done]
+        atomic_write_text("".join(ln + "\n" for ln in keep), path)
+
+    def _teacher_meta(self, method: Method) -> dict[str, Any] | None:
+        t = method.ctx.teacher
+        return dict(t.meta) if t is not None else None
+
+    def _checkpoint(self, method: Method, optimizer, scheduler, scaler, epoch: int, metrics: dict[str, Any],
+                    best: dict[str, Any] | None, common: dict[str, Any]) -> dict[str, Any]:
+        deploy = method.deploy_model()
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "fusionkd_version": __version__,
+            "epoch": epoch,
+            "config": common["config"],
+            "data": common["data"],
+            "method_state": method.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rng_state(),
+            "metrics": metrics,
+            "best": best,
+            "teacher": common["teacher"],
+            "deploy": {
+                "model": common["deploy_name"],
+                "head": method.deploy_head,
+                "model_kwargs": {},
+                "state_dict": {k: v.detach().clone() for k, v in deploy.state_dict().items()},
+            },
+        }
+
+    @staticmethod
+    def _epoch_line(m: dict[str, Any], head: str) -> str:
+        parts = [f"epoch {m['epoch']}", f"loss {m['train']['loss']:.4f}", f"lr {m['lr']:.4g}",
+                 f"{m['img_per_s']:,.0f} img/s", f"{m['time_train_s']:.1f}s"]
+        if "test" in m:
+            val = m.get("val") or {}
+            parts.append(f"val {val[head]:.2f}" if head in val else "val -")
+            parts.append(f"test {m['test'][head]:.2f} ({head})")
+            others = [f"{h} {a:.2f}" for h, a in m["test"].items() if h != head]
+            if others:
+                parts.append("other heads test: " + ", ".join(others))
+        return " | ".join(parts)
+
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise ConfigError("tensorboard=true needs the tensorboard package: pip install tensorboard") from e
+        return SummaryWriter(str(self.run_dir / "tb"))
+
+    @staticmethod
+    def _write_tensorboard(writer, m: dict[str, Any]) -> None:
+        step = m["epoch"]
+        for k, v in m["train"].items():
+            writer.add_scalar(f"train/{k}", v, step)
+        for split in ("val", "test"):
+            for head, acc in (m.get(split) or {}).items():
+                writer.add_scalar(f"{split}/{head}", acc, step)
+        writer.add_scalar("lr", m["lr"], step)
+        writer.add_scalar("img_per_s", m["img_per_s"], step)
+
+    def _summary(self, method: Method, best, last: dict[str, Any], params, data_sizes, info: DatasetInfo,
+                 device) -> dict[str, Any]:
+        lines = [json.loads(ln) for ln in (self.run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        train_time = sum(m["time_train_s"] for m in lines)
+        seen = sum(m["img_per_s"] * m["time_train_s"] for m in lines)
+        cfg = self.cfg
+        return {
+            "finished": True,
+            "method": cfg.method,
+            "family": METHODS.get(cfg.method).family,
+            "model": cfg.model,
+            "models": cfg.models,
+            "dataset": cfg.dataset,
+            "seed": cfg.seed,
+            "epochs": cfg.epochs,
+            "run_dir": str(self.run_dir),
+            "deploy_head": method.deploy_head,
+            "deploy_model": getattr(method, "deploy_model_name", cfg.model),
+            "heads": sorted((last.get("test") or {}).keys()),
+            "best": best,
+            "last": {"epoch": last.get("epoch"), "val": last.get("val") or {}, "test": last.get("test") or {}},
+            "params": params,
+            "train_time_s": train_time,
+            "img_per_s": seen / train_time if train_time > 0 else 0.0,
+            "data": {**data_sizes, "name": info.name, "subset": cfg.subset, "val_fraction": cfg.val_fraction},
+            "hardware": hardware_info(device),
+            "method_extras": method.summary_extras(),
+        }
