@@ -15,13 +15,14 @@ Files are looked up in ``data_dir`` (or ``data_dir/<name>``), then ``$FUSIONKD_D
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +100,11 @@ class ArrayDataset:
 
     def select(self, indices: np.ndarray | torch.Tensor) -> ArrayDataset:
         """A new dataset holding the samples at ``indices`` (int (M,)), in that order."""
-        idx = torch.as_tensor(np.asarray(indices), dtype=torch.int64)
-        return ArrayDataset(self.images[idx], self.labels[idx])
+        idx = np.asarray(indices, dtype=np.int64)
+        if self.images.device.type == "cpu":  # numpy's take: fast and single-threaded
+            return ArrayDataset(torch.from_numpy(self.images.numpy()[idx]), torch.from_numpy(self.labels.numpy()[idx]))
+        t = torch.as_tensor(idx, device=self.images.device)
+        return ArrayDataset(self.images.index_select(0, t), self.labels.index_select(0, t))
 
     def class_counts(self, num_classes: int) -> torch.Tensor:
         """int64 ``(num_classes,)``: images per class."""
@@ -203,7 +207,6 @@ class LoadRequest:
     download: bool
     image_size: int | None
     cache_dir: Path | None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 LoaderFn = Callable[..., SourceSplits]
@@ -262,16 +265,18 @@ def _dataset(images: np.ndarray, labels: np.ndarray) -> ArrayDataset:
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Exact per-channel mean and (population) std of uint8 ``(N, C, H, W)`` images scaled to [0, 1],
-    from a 256-bin histogram per channel (no float copy of the data)."""
-    values = torch.arange(256, dtype=torch.float64) / 255.0
+    from a 256-bin histogram per channel (no float copy of the data; numpy's bincount, which unlike
+    torch's stays fast with several threads)."""
+    values = np.arange(256, dtype=np.float64) / 255.0
+    arr = images.numpy()
     means, stds = [], []
-    for c in range(images.shape[1]):
-        hist = torch.bincount(images[:, c].reshape(-1), minlength=256).to(torch.float64)
+    for c in range(arr.shape[1]):
+        hist = np.bincount(arr[:, c].ravel(), minlength=256).astype(np.float64)
         n = hist.sum()
         m = (hist * values).sum() / n
         v = (hist * (values - m) ** 2).sum() / n
         means.append(float(m))
-        stds.append(max(float(v.sqrt()), 1e-3))  # a constant image would otherwise divide by zero
+        stds.append(max(float(np.sqrt(v)), 1e-3))  # a constant image would otherwise divide by zero
     return tuple(means), tuple(stds)
 
 
@@ -376,6 +381,7 @@ def load_dataset(
     train, val = src.train, None
     if val_fraction > 0:
         if src.val is not None:
+            logger.info("%s ships a validation split: using it (%d images) as val", name, len(src.val))
             val = src.val
         else:
             tr_idx, val_idx = stratified_split(train.labels.numpy(), val_fraction, seed, num_classes)
@@ -593,13 +599,17 @@ def _cache_locations(req: LoadRequest, root: Path) -> list[Path]:
 
 
 def _decode_tree(req: LoadRequest, root: Path, splits: dict[str, Path], classes: list[str],
-                 image_size: int) -> tuple[dict[str, ArrayDataset], bool]:
+                 image_size: int, *, all_classes_everywhere: bool) -> tuple[dict[str, ArrayDataset], bool]:
     """Decode ``split -> folder`` trees into RGB uint8 datasets, through the ``.npy`` cache.
+
+    Args:
+        all_classes_everywhere: every split must hold every class (CINIC-10); otherwise only ``train`` must.
 
     Returns:
         ``({split: ArrayDataset (N, 3, S, S)}, all_gray)``.
     """
-    files = {split: scan_image_tree(folder, classes) for split, folder in splits.items()}
+    files = {split: scan_image_tree(folder, classes, require_all=all_classes_everywhere or split == "train")
+             for split, folder in splits.items()}
     key = fingerprint([req.name, str(image_size), ",".join(classes)], sorted(files.items()))
     root_id = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]
     cache = ArrayCache(f"{req.name}-{root_id}-", key, _cache_locations(req, root))
@@ -643,7 +653,7 @@ def _load_cinic10(req: LoadRequest) -> SourceSplits:
         )
     size = req.image_size or 32
     folders = {s: root / s for s in ("train", "valid", "test")}
-    splits, _ = _decode_tree(req, root, folders, list(CINIC10_CLASSES), size)
+    splits, _ = _decode_tree(req, root, folders, list(CINIC10_CLASSES), size, all_classes_everywhere=True)
     return SourceSplits(train=splits["train"], val=splits["valid"], test=splits["test"],
                         classes=list(CINIC10_CLASSES),
                         mean=CINIC10_MEAN if size == 32 else None, std=CINIC10_STD if size == 32 else None)
@@ -681,7 +691,8 @@ def _load_imagefolder(req: LoadRequest, *, channels: str = "auto") -> SourceSpli
     val_name = next((v for v in ("val", "valid") if (root / v).is_dir()), None)
     if val_name:
         folders["val"] = root / val_name
-    splits, all_gray = _decode_tree(req, root, folders, classes, req.image_size or 32)
+    splits, all_gray = _decode_tree(req, root, folders, classes, req.image_size or 32,
+                                    all_classes_everywhere=False)
     gray = channels == "grayscale" or (channels == "auto" and all_gray)
     if gray:
         splits = {s: ArrayDataset(_to_gray(d.images), d.labels) for s, d in splits.items()}
@@ -694,9 +705,10 @@ DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 1797  # fixed: the digits test split never changes
 
 
-@register_dataset("digits", "scikit-learn's bundled 8x8 digits (1,797 images), upsampled to 16x16, fixed "
-                  "80/20 split", in_chans=1, image_size=16, num_classes=10)
-def _load_digits(req: LoadRequest) -> SourceSplits:
+@functools.lru_cache(maxsize=1)
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as uint8 (1797, 8, 8) images scaled from 0..16 to 0..255, int64 labels (parsed
+    once per process; callers must not modify them)."""
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:
@@ -704,10 +716,19 @@ def _load_digits(req: LoadRequest) -> SourceSplits:
                           "(or pip install 'fusionkd[digits]')") from e
     d = load_digits()
     x = np.rint(np.asarray(d.images, dtype=np.float64) * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+    x.flags.writeable = False
     y = np.asarray(d.target, dtype=np.int64)
+    y.flags.writeable = False
+    return x, y
+
+
+@register_dataset("digits", "scikit-learn's bundled 8x8 digits (1,797 images), upsampled to 16x16, fixed "
+                  "80/20 split", in_chans=1, image_size=16, num_classes=10)
+def _load_digits(req: LoadRequest) -> SourceSplits:
+    x, y = _digits_arrays()
     images = resize_images(torch.from_numpy(x[:, None].copy()), req.image_size or 16, mode="nearest")
     tr, te = stratified_split(y, DIGITS_TEST_FRACTION, DIGITS_SPLIT_SEED, 10)
-    labels = torch.from_numpy(y)
+    labels = torch.from_numpy(y.copy())
     return SourceSplits(train=ArrayDataset(images[tr], labels[tr]), test=ArrayDataset(images[te], labels[te]),
                         classes=[str(i) for i in range(10)])
 
@@ -717,27 +738,29 @@ def _load_digits(req: LoadRequest) -> SourceSplits:
 SYNTHETIC_SEED = 20250101
 
 
-def make_synthetic(n: int, num_classes: int, in_chans: int, image_size: int, generator: torch.Generator,
-                   prototypes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` images: the class prototype plus Gaussian noise (std 40 grey levels), balanced labels.
+def make_synthetic(n: int, prototypes: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` images: the class prototype plus uniform pixel noise in ``[-64, 64]`` (std 37 grey levels),
+    balanced labels in random order.
+
+    Args:
+        prototypes: int16 ``(K, C, S, S)`` class patterns in grey levels.
 
     Returns:
         ``(images uint8 (n, C, S, S), labels int64 (n,))``.
     """
-    labels = torch.arange(n) % num_classes
-    labels = labels[torch.randperm(n, generator=generator)]
-    noise = torch.randn((n, in_chans, image_size, image_size), generator=generator) * 40.0
-    images = (prototypes[labels] + noise).round_().clamp_(0, 255).to(torch.uint8)
-    return images, labels
+    labels = rng.permutation(np.arange(n) % len(prototypes)).astype(np.int64)
+    images = rng.integers(-64, 65, (n, *prototypes.shape[1:]), dtype=np.int16)
+    images += prototypes[labels]
+    return np.clip(images, 0, 255).astype(np.uint8), labels
 
 
 @register_dataset("synthetic", "deterministic class-patterned random images for tests and smoke runs "
                   "(default 10 classes, 3x32x32, 500/200)", in_chans=3, image_size=32, num_classes=10)
 def _load_synthetic(req: LoadRequest, *, num_classes: int = 10, in_chans: int = 3, train_size: int = 500,
                     test_size: int = 200) -> SourceSplits:
-    """Each class has a smooth random pattern (a 4x4 grid of random colours, bilinearly upsampled, so it
-    survives crops and flips only partly but stays recognisable); images add pixel noise to it. Everything
-    depends only on the options, never on ``seed``."""
+    """Each class has a smooth random pattern (a 4x4 grid of random grey levels per channel, bilinearly
+    upsampled, so it stays recognisable after crops and flips); images add pixel noise to it. Everything
+    depends only on the options and ``image_size``, never on ``seed``."""
     for key, value, lo in (("num_classes", num_classes, 2), ("in_chans", in_chans, 1),
                            ("train_size", train_size, 1), ("test_size", test_size, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < lo:
@@ -745,10 +768,11 @@ def _load_synthetic(req: LoadRequest, *, num_classes: int = 10, in_chans: int = 
     if train_size < num_classes:
         raise ValueError(f"synthetic train_size ({train_size}) must be >= num_classes ({num_classes})")
     size = req.image_size or 32
-    g = torch.Generator().manual_seed(SYNTHETIC_SEED)
-    grid = torch.rand((num_classes, in_chans, 4, 4), generator=g)
-    prototypes = F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=False) * 175.0 + 40.0
-    x_tr, y_tr = make_synthetic(train_size, num_classes, in_chans, size, g, prototypes)
-    x_te, y_te = make_synthetic(test_size, num_classes, in_chans, size, g, prototypes)
-    return SourceSplits(train=ArrayDataset(x_tr, y_tr), test=ArrayDataset(x_te, y_te),
+    rng = np.random.default_rng(SYNTHETIC_SEED)
+    grid = torch.from_numpy(rng.random((num_classes, in_chans, 4, 4), dtype=np.float32))
+    smooth = F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=False)
+    prototypes = (smooth * 175.0 + 40.0).round().to(torch.int16).numpy()
+    x_tr, y_tr = make_synthetic(train_size, prototypes, rng)
+    x_te, y_te = make_synthetic(test_size, prototypes, rng)
+    return SourceSplits(train=_dataset(x_tr, y_tr), test=_dataset(x_te, y_te),
                         classes=[f"class_{i}" for i in range(num_classes)])

@@ -6,7 +6,8 @@ centres), moves them to the device once, and then per batch runs a handful of te
 ``index_select`` of the batch, one ``gather`` that performs crop + padding + flip together
 (:func:`crop_flip`), a fused uint8 -> float32 normalisation, and the cutout mask. There is no per-sample
 Python code, no worker process and no host synchronisation inside an epoch; CPU and GPU runs see the same
-batches, and a resumed run reproduces them exactly without any saved RNG state.
+samples, crops, flips and cutouts, and a resumed run reproduces its batches exactly without any saved RNG
+state.
 """
 
 from __future__ import annotations
@@ -228,7 +229,8 @@ def augment_batch(
     cutout_x: torch.Tensor | None = None,
     channels_last: bool = False,
 ) -> torch.Tensor:
-    """The loader's training transform of one batch, given its random draws.
+    """The loader's training transform of one batch, given its random draws (a convenience wrapper; the
+    loader precomputes ``scale``/``shift`` once instead of per batch).
 
     Steps: :func:`crop_flip` on the uint8 images; normalise to ``(x / 255 - mean) / std``; then, when
     ``cutout > 0``, set each sample's cutout square (:func:`cutout_mask`) to 0, i.e. to the mean colour, as
@@ -451,7 +453,8 @@ class DeviceLoader:
         if not self.train:
             yield from self._iter_eval(plan.indices, total)
             return
-        indices = plan.indices.to(self.device, non_blocking=True)
+        # one host-to-device copy of the epoch's randomness; nothing below waits for the device
+        indices = plan.indices.to(self.device)
         assert plan.draws is not None
         draws = plan.draws.to(self.device)
         for s in range(0, total, self.batch_size):

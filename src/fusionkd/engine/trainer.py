@@ -615,7 +615,8 @@ class Trainer:
             "best": best,
             "teacher": common["teacher"],
             "deploy": {
-                "model": common["deploy_name"],
+                # read at every checkpoint: an online method may switch to a peer of another architecture
+                "model": getattr(method, "deploy_model_name", common["deploy_name"]),
                 "head": method.deploy_head,
                 "model_kwargs": {},
                 "state_dict": {k: v.detach().clone() for k, v in deploy.state_dict().items()},
