@@ -44,6 +44,8 @@ def test_defaults_resolve_and_round_trip():
 def test_overrides_nested_and_typed(tmp_path):
     assert parse_override("augment.flip=false") == ("augment.flip", False)
     assert parse_override("milestones=[3, 6]") == ("milestones", [3, 6])
+    assert parse_override("weight_decay=5e-4") == ("weight_decay", 5e-4)  # YAML 1.1 reads 5e-4 as a string
+    assert parse_override("name=run1") == ("name", "run1")
     cfg = resolve_config({}, overrides=["epochs=8", "augment.flip=false", "lr=1", "milestones=[3,6]"])
     assert cfg.epochs == 8 and cfg.augment.flip is False and cfg.lr == 1.0 and isinstance(cfg.lr, float)
     yml = tmp_path / "exp.yaml"

@@ -41,18 +41,15 @@ def _schema_flags(parser: argparse.ArgumentParser) -> list[str]:
 
 
 def _parse_flag_value(name: str, raw: str) -> Any:
-    import yaml
+    from .engine.config import read_value
 
     tp = str(typing.get_type_hints(Config)[name])
     if "list" in tp and not raw.strip().startswith("["):
         items = [s.strip() for s in raw.split(",") if s.strip()]
-        return [yaml.safe_load(s) if "int" in tp else s for s in items]
+        return [read_value(s) if "int" in tp else s for s in items]
     if tp.startswith("<class 'str'>") or tp == "str" or tp.startswith("str |"):
         return raw
-    try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return raw
+    return read_value(raw)
 
 
 def _collect_overrides(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:

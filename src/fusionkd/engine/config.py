@@ -194,11 +194,24 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip().lstrip("-").replace("-", "_")
     if not key:
         raise ConfigError(f"override {text!r} has an empty key")
+    return key, read_value(raw)
+
+
+def read_value(raw: str) -> Any:
+    """A command-line value read as YAML (``3``, ``false``, ``[1, 2]``, ``{a: 1}``), plus the numbers YAML 1.1
+    leaves as strings (``5e-4``, ``1e5``)."""
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
-        value = raw
-    return key, value
+        return raw
+    if isinstance(value, str):
+        try:
+            return int(value) if value.strip().lstrip("+-").isdigit() else float(value)
+        except ValueError:
+            return value
+    if isinstance(value, list):
+        return [read_value(v) if isinstance(v, str) else v for v in value]
+    return value
 
 
 def nest(flat: dict[str, Any]) -> dict[str, Any]:
