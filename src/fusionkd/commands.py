@@ -1,0 +1,234 @@
+"""The ``compare``, ``report``, ``bench`` and ``demo`` subcommands of the ``fusionkd`` CLI.
+
+``fusionkd.cli`` calls :func:`add_parsers`; each subcommand's ``func(args) -> exit code`` is a thin layer
+over :mod:`fusionkd.compare`. Bad arguments raise ConfigError/ValueError, which the CLI turns into
+``fusionkd <command>: error: ...`` and exit code 2. See ``docs/compare.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from .engine.config import ConfigError, parse_override
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _csv(text: str | None) -> list[str]:
+    return [s.strip() for s in (text or "").split(",") if s.strip()]
+
+
+def _split_method_options(items: list[str] | None) -> tuple[list[str], list[str]]:
+    """``--method-options`` takes several values, so trailing ``key=value`` options land in it too:
+    hand back ``(METHOD:KEY=VALUE items, plain key=value items)``."""
+    method_items, plain = [], []
+    for item in items or []:
+        head = item.split(":", 1)[0]
+        (method_items if ":" in item and "=" not in head else plain).append(item)
+    return method_items, plain
+
+
+# ---------------------------------------------------------------------- compare
+def _compare_command(args: argparse.Namespace) -> str:
+    """The canonical command line of a comparison (recorded in compare.json and report.md)."""
+    parts = ["fusionkd", "compare", "--methods", args.methods, "--models", args.models, "--seeds", args.seeds]
+    for flag, value in (("--dataset", args.dataset), ("--out", args.out), ("--config", args.config),
+                        ("--teacher-model", args.teacher_model), ("--teacher-epochs", args.teacher_epochs)):
+        if value is not None:
+            parts += [flag, str(value)]
+    for item in args.method_options or []:
+        parts += ["--method-options", item]
+    return shlex.join(parts + list(args.overrides))
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare.grid import CompareSpec, compare, parse_method_options, parse_names, parse_seeds
+    from .compare.report import by_table, results_table
+
+    methods = parse_names(args.methods, "method")
+    models = parse_names(args.models, "model")
+    seeds = parse_seeds(args.seeds)
+    args.method_options, stray = _split_method_options(args.method_options)
+    args.overrides = list(args.overrides) + stray
+    common = dict(parse_override(o) for o in args.overrides)
+    if args.dataset is not None:
+        if "dataset" in common and common["dataset"] != args.dataset:
+            raise ConfigError(f"--dataset {args.dataset} and dataset={common['dataset']} disagree; give one")
+        common["dataset"] = args.dataset
+    devices = _csv(args.devices) or None
+    workers = args.workers if args.workers is not None else (len(devices) if devices else 1)
+    spec = CompareSpec(
+        methods=methods, models=models, seeds=seeds, out=Path(args.out), common=common,
+        method_options=parse_method_options(args.method_options or [], methods), config_file=args.config,
+        teacher_model=args.teacher_model, teacher_epochs=args.teacher_epochs, workers=workers,
+        threads=args.threads, devices=devices, rerun_changed=args.rerun_changed,
+        command=_compare_command(args),
+    )
+    try:
+        result = compare(spec, report=_say)
+    except KeyboardInterrupt:
+        print("\ninterrupted; finished runs are kept and interrupted ones resume from their last epoch: run "
+              f"the same command again (results so far: fusionkd report {args.out})", file=sys.stderr)
+        return 130
+    for (dataset, model), groups in by_table(result.report.groups).items():
+        print(f"\n{model} on {dataset} (test accuracy %, mean ± std over seeds):")
+        print(results_table(groups))
+    print("\n" + _written(result.report))
+    if result.failures:
+        failed = "; ".join(f.label for f in result.failures)
+        print(f"{len(result.failures)} run(s) failed: {failed}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------- report
+def cmd_report(args: argparse.Namespace) -> int:
+    from .compare.report import report_from_folders
+
+    files = report_from_folders(args.paths, args.out, plots=not args.no_plots)
+    n = sum(len(g.seeds) for g in files.groups)
+    print(f"{n} run(s) in {len(files.groups)} group(s): " + _written(files))
+    return 0
+
+
+def _written(files) -> str:
+    plots = f" and {len(files.plots)} plot(s)" if files.plots else ""
+    skipped = f" (plots skipped: {files.plots_skipped})" if files.plots_skipped else ""
+    return f"wrote {files.csv}, {files.markdown}{plots}{skipped}"
+
+
+# ---------------------------------------------------------------------- bench
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .compare.bench import BenchSpec, bench, format_table, parse_shape, run_data_benchmark
+    from .compare.grid import parse_method_options, parse_names
+    from .methods import METHODS
+
+    if args.data:
+        return run_data_benchmark(shlex.split(args.data_args or ""))
+    methods = parse_names(args.methods, "method") if args.methods else METHODS.names()
+    spec = BenchSpec(
+        methods=methods, models=parse_names(args.models, "model"), dataset=args.dataset,
+        shape=parse_shape(args.shape) if args.shape else None, num_classes=args.num_classes,
+        batch_size=args.batch_size, precision=args.precision, channels_last=args.channels_last,
+        compile=args.compile, threads=args.threads, device=args.device, warmup=args.warmup,
+        repeats=args.repeats, steps=args.steps, teacher_model=args.teacher_model,
+        method_options=parse_method_options(args.method_options or [], ["baseline", *methods]),
+    )
+    out = bench(spec, report=None if args.quiet else _say)
+    print(format_table(out))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2))
+        print(f"wrote {args.json}")
+    return 1 if any("error" in r for r in out["results"]) else 0
+
+
+# ---------------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .compare.demo import demo, demo_table
+
+    if args.epochs < 1 or args.subset < 10:
+        raise ConfigError("--epochs must be >= 1 and --subset >= 10")
+    try:
+        res = demo(args.out, epochs=args.epochs, subset=args.subset, precision=args.precision,
+                   workers=args.workers, threads=args.threads, report=_say)
+    except KeyboardInterrupt:
+        print("\ninterrupted; run `fusionkd demo` again with the same options to finish it", file=sys.stderr)
+        return 130
+    if res.missing:
+        print(f"note: {', '.join(res.missing)} not registered here; "
+              f"the demo compares {', '.join(res.methods)}")
+    print()
+    print(demo_table(res))
+    return 1 if res.result.failures else 0
+
+
+# ---------------------------------------------------------------------- parsers
+def add_parsers(sub) -> None:
+    """Add ``compare``, ``report``, ``bench`` and ``demo`` to the ``fusionkd`` subparsers ``sub``."""
+    from .compare.demo import DEMO_EPOCHS, DEMO_SUBSET
+
+    c = sub.add_parser(
+        "compare", help="run a method x model x seed grid and report mean ± std (resumable)",
+        description="Train every method x model x seed (each in OUT/runs/<model>/<method>/s<seed>), "
+                    "skipping finished runs and resuming interrupted ones, then write OUT/results.csv, "
+                    "OUT/report.md and plots. Trailing key=value options apply to every run (e.g. epochs=20 "
+                    "subset=5000 schedule=cosine precision=bf16 channels_last=true). See docs/compare.md.")
+    c.add_argument("overrides", nargs="*", metavar="key=value", help="config options of every run")
+    c.add_argument("--methods", required=True, help="comma-separated registered methods (fusionkd list)")
+    c.add_argument("--models", default="resnet20", help="comma-separated zoo models (default: resnet20)")
+    c.add_argument("--dataset", help="dataset of every run (default: the config default, fashion-mnist)")
+    c.add_argument("--seeds", default="0", help="seeds, e.g. 0,1,2 or 0-4 (default: 0)")
+    c.add_argument("--out", default="runs/compare", help="output folder (default: runs/compare)")
+    c.add_argument("--config", help="YAML file of options common to every run (key=value wins over it)")
+    c.add_argument("--workers", type=int,
+                   help="runs at once, each in its own process (default: 1, or the number of --devices)")
+    c.add_argument("--threads", type=int, help="CPU threads per worker (default: cpu count // workers)")
+    c.add_argument("--devices",
+                   help="comma-separated devices given to the workers round-robin, e.g. cuda:0,cuda:1")
+    c.add_argument("--teacher-model", help="train a baseline teacher of this model once (OUT/teachers/) for "
+                                           "the offline methods; or give teacher=PATH")
+    c.add_argument("--teacher-epochs", type=int, help="epochs of that teacher (default: the runs' epochs)")
+    c.add_argument("--method-options", nargs="+", action="extend", metavar="METHOD:KEY=VALUE",
+                   help="options of one method, e.g. ffl:peers=3 frskd:alpha=3 (a config key such as "
+                        "ffl:lr=0.05 also works)")
+    c.add_argument("--rerun-changed", action="store_true",
+                   help="replace runs made with other settings (default: stop and list the differences)")
+    c.set_defaults(func=cmd_compare)
+
+    r = sub.add_parser("report", help="rebuild results.csv, report.md and plots from run folders",
+                       description="Collect every finished run (folder with summary.json) under the "
+                                   "given folders (recursively; teachers/ folders are skipped) and write "
+                                   "results.csv, report.md and plots.")
+    r.add_argument("paths", nargs="+", metavar="RUN_DIR_OR_COMPARE_DIR")
+    r.add_argument("--out", help="where to write (default: the folder given, when only one)")
+    r.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    r.set_defaults(func=cmd_report)
+
+    b = sub.add_parser("bench", help="training throughput and peak memory of methods x models on this device",
+                       description="Measure training steps of each method x model (baseline included, for "
+                                   "the ratio) in a fresh process each: warm-up, then the median of several "
+                                   "timed blocks. --data runs the data-pipeline benchmark instead.")
+    b.add_argument("--methods", help="comma-separated methods (default: every registered one)")
+    b.add_argument("--models", default="resnet20")
+    b.add_argument("--dataset", default="fashion-mnist", help="gives the input shape and class count")
+    b.add_argument("--shape", help="input shape C,H,W instead of the dataset's (e.g. 3,32,32)")
+    b.add_argument("--num-classes", type=int)
+    b.add_argument("--batch-size", type=int, default=128)
+    b.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    b.add_argument("--channels-last", action="store_true")
+    b.add_argument("--compile", action="store_true",
+                   help="torch.compile the networks (warm-up covers compiling)")
+    b.add_argument("--threads", type=int, default=1, help="CPU threads (default: 1)")
+    b.add_argument("--device", default="auto")
+    b.add_argument("--warmup", type=int, default=5, help="untimed steps first (default: 5)")
+    b.add_argument("--repeats", type=int, default=5, help="timed blocks; the median is reported (default: 5)")
+    b.add_argument("--steps", type=int, default=10, help="steps per timed block (default: 10)")
+    b.add_argument("--teacher-model", default="resnet56", help="random-weight teacher of offline methods")
+    b.add_argument("--method-options", nargs="+", action="extend", metavar="METHOD:KEY=VALUE")
+    b.add_argument("--json", metavar="PATH", help="also save the results as JSON")
+    b.add_argument("--quiet", action="store_true", help="print only the final table")
+    b.add_argument("--data", action="store_true",
+                   help="run the data-pipeline benchmark (benchmarks/data_pipeline.py)")
+    b.add_argument("--data-args", help="arguments for the data-pipeline benchmark, as one string")
+    b.set_defaults(func=cmd_bench)
+
+    d = sub.add_parser("demo", help="baseline vs ffl vs frskd on Fashion-MNIST (minutes on 2 CPU cores)",
+                       description="A small comparison on real data: resnet20, stratified training subset, "
+                                   "validation split, full test set, bf16 + channels_last, 1 seed, "
+                                   "2 workers.")
+    d.add_argument("--epochs", type=int, default=DEMO_EPOCHS, help=f"(default: {DEMO_EPOCHS})")
+    d.add_argument("--subset", type=int, default=DEMO_SUBSET,
+                   help=f"training images (default: {DEMO_SUBSET})")
+    d.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
+                   help="bf16 (default; fast on CPUs with AVX-512-BF16/AMX) or fp32 (older CPUs)")
+    d.add_argument("--out", default="runs/demo", help="(default: runs/demo)")
+    d.add_argument("--workers", type=int, default=2, help="(default: 2)")
+    d.add_argument("--threads", type=int, default=1, help="threads per worker (default: 1)")
+    d.set_defaults(func=cmd_demo)

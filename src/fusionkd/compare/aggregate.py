@@ -1,0 +1,336 @@
+"""Collect finished runs and turn them into a results table: one row per run and head, then mean ± std
+over seeds per (dataset, model, method).
+
+Definitions (also stated in every report):
+
+* **last**: test accuracy (%) after the final epoch (what ``last.pt`` gives).
+* **best-val**: test accuracy at the epoch with the highest *validation* accuracy, never chosen on test.
+  For the deploy head this is the engine's ``best.pt`` epoch (``summary.json["best"]``); any other head is
+  selected by its own validation accuracy from ``metrics.jsonl`` (first epoch of the maximum, as the
+  engine does). Without a validation split the last evaluated epoch stands in (``selection = "last"``).
+* **std**: sample standard deviation over seeds (``ddof = 1``); undefined (``None``, shown as ``-``) for
+  one seed.
+* **gain**: ``mean(method) − mean(baseline)`` for the same dataset and model; *within noise* when
+  ``|gain|`` is smaller than the larger of the two stds.
+* **best auxiliary head**: among the heads that are never the deploy head in any run of the group, the one
+  with the highest mean last-epoch test accuracy.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+#: column order of ``results.csv``
+CSV_COLUMNS = (
+    "dataset", "model", "method", "family", "seed", "head", "is_deploy_head", "selection", "best_epoch",
+    "best_val", "test_at_best_val", "last_epoch", "last_test", "train_time_s", "img_per_s", "params_deploy",
+    "params_extra", "epochs", "train_size", "val_size", "test_size", "run_dir",
+)
+#: families in report order (methods of unknown family come last)
+FAMILY_ORDER = ("baseline", "offline", "online", "self")
+#: folders ``find_runs`` does not descend into unless named explicitly (a compare's trained teachers)
+SKIPPED_FOLDERS = ("teachers",)
+
+
+@dataclass
+class RunRecord:
+    """One finished run folder: its ``summary.json``, ``config.yaml`` and ``metrics.jsonl`` lines."""
+
+    path: Path
+    summary: dict[str, Any]
+    config: dict[str, Any]
+    metrics: list[dict[str, Any]]
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """``(dataset, model, method)``: the group this run is a seed of."""
+        s = self.summary
+        return (str(s.get("dataset")), str(s.get("model")), str(s.get("method")))
+
+    @property
+    def seed(self) -> int:
+        return int(self.summary.get("seed", 0))
+
+    def evaluated(self) -> list[dict[str, Any]]:
+        """The ``metrics.jsonl`` lines of the epochs that were evaluated (they hold ``test``)."""
+        return [m for m in self.metrics if m.get("test")]
+
+
+def find_runs(paths: Iterable[str | Path]) -> list[Path]:
+    """Every run folder holding a finished ``summary.json`` under ``paths`` (searched recursively).
+
+    Folders named ``teachers`` (where ``fusionkd compare`` keeps the teachers it trained) are skipped
+    unless a path points into one. Raises FileNotFoundError for a path that does not exist.
+    """
+    found: dict[Path, None] = {}
+    for p in paths:
+        root = Path(p)
+        if not root.exists():
+            raise FileNotFoundError(f"{str(root)!r} does not exist (expected a run folder or a folder of "
+                                    "run folders)")
+        candidates = [root / "summary.json"] if (root / "summary.json").is_file() else sorted(
+            root.rglob("summary.json"))
+        for s in candidates:
+            rel = s.parent.relative_to(root).parts
+            if any(part in SKIPPED_FOLDERS for part in rel):
+                continue
+            try:
+                finished = json.loads(s.read_text()).get("finished", False)
+            except (OSError, json.JSONDecodeError):
+                continue
+            if finished:
+                found[s.parent.resolve()] = None
+    return list(found)
+
+
+def load_run(folder: str | Path) -> RunRecord:
+    """Read a run folder (``summary.json`` required; ``config.yaml`` and ``metrics.jsonl`` if present)."""
+    folder = Path(folder)
+    summary = json.loads((folder / "summary.json").read_text())
+    config: dict[str, Any] = {}
+    if (folder / "config.yaml").is_file():
+        config = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+    metrics: list[dict[str, Any]] = []
+    if (folder / "metrics.jsonl").is_file():
+        metrics = [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    return RunRecord(folder, summary, config, metrics)
+
+
+# ---------------------------------------------------------------------- per run and head
+def _best_by_own_val(rec: RunRecord, head: str) -> tuple[int | None, float | None, float | None, str]:
+    """``(epoch, val, test, selection)`` of ``head`` at its own best validation epoch."""
+    lines = [m for m in rec.evaluated() if head in m["test"]]
+    with_val = [m for m in lines if head in (m.get("val") or {})]
+    if with_val:
+        best = with_val[0]
+        for m in with_val[1:]:
+            if m["val"][head] > best["val"][head]:  # strict: the first epoch of the maximum, as the engine
+                best = m
+        return best["epoch"], best["val"][head], best["test"][head], "val"
+    if lines:
+        return lines[-1]["epoch"], None, lines[-1]["test"][head], "last"
+    b = rec.summary.get("best") or {}  # no metrics.jsonl: the engine's best epoch (chosen by the deploy head)
+    return b.get("epoch"), (b.get("val") or {}).get(head), (b.get("test") or {}).get(head), "deploy-val"
+
+
+def run_rows(rec: RunRecord) -> list[dict[str, Any]]:
+    """The ``results.csv`` rows of one run: one per head, deploy head first."""
+    s = rec.summary
+    deploy = s["deploy_head"]
+    last = s.get("last") or {}
+    best = s.get("best") or {}
+    heads = sorted(last.get("test") or {}, key=lambda h: (h != deploy, h))
+    data = s.get("data") or {}
+    params = s.get("params") or {}
+    common = {
+        "dataset": s.get("dataset"), "model": s.get("model"), "method": s.get("method"),
+        "family": s.get("family"), "seed": s.get("seed"), "last_epoch": last.get("epoch"),
+        "train_time_s": s.get("train_time_s"), "img_per_s": s.get("img_per_s"),
+        "params_deploy": params.get("deploy"), "params_extra": params.get("extra"), "epochs": s.get("epochs"),
+        "train_size": data.get("train"), "val_size": data.get("val"), "test_size": data.get("test"),
+        "run_dir": str(rec.path),
+    }
+    rows = []
+    for h in heads:
+        if h == deploy:
+            # exactly what best.pt holds: the deploy head at that epoch may differ (e.g. FFL's best peer)
+            heads_by_epoch = {m["epoch"]: m.get("deploy_head", deploy) for m in rec.metrics}
+            at_best = heads_by_epoch.get(best.get("epoch"), deploy)
+            b_epoch, b_val = best.get("epoch"), (best.get("val") or {}).get(at_best)
+            b_test, sel = (best.get("test") or {}).get(at_best), best.get("selection", "val")
+        else:
+            b_epoch, b_val, b_test, sel = _best_by_own_val(rec, h)
+        rows.append({**common, "head": h, "is_deploy_head": h == deploy, "selection": sel,
+                     "best_epoch": b_epoch, "best_val": b_val, "test_at_best_val": b_test,
+                     "last_test": last["test"][h]})
+    return rows
+
+
+def rows_to_csv(rows: Sequence[dict[str, Any]]) -> str:
+    """``results.csv`` text (floats with 4 decimals, empty cells for missing values)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: _csv_value(r.get(k)) for k in CSV_COLUMNS})
+    return buf.getvalue()
+
+
+def _csv_value(v: Any) -> Any:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return v
+
+
+# ---------------------------------------------------------------------- statistics
+@dataclass
+class Stat:
+    """Mean and sample std (``ddof = 1``; ``None`` when ``n < 2``) of a list of values."""
+
+    values: list[float]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.values) if self.values else None
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.values) if len(self.values) >= 2 else None
+
+    def format(self, digits: int = 2) -> str:
+        """``"91.23 ± 0.15"``; ``"91.23 ± -"`` for one value; ``"-"`` for none."""
+        if self.mean is None:
+            return "-"
+        std = "-" if self.std is None else f"{self.std:.{digits}f}"
+        return f"{self.mean:.{digits}f} ± {std}"
+
+
+@dataclass
+class Gain:
+    """Mean difference to the baseline group of the same dataset and model."""
+
+    value: float
+    noise: float | None  #: the larger std of the two groups, ``None`` when either has one seed
+
+    @property
+    def within_noise(self) -> bool | None:
+        return None if self.noise is None else abs(self.value) < self.noise
+
+    def format(self) -> str:
+        text = f"{self.value:+.2f}"
+        if self.within_noise is None:
+            return text + " (1 seed: noise unknown)"
+        return text + (" (within noise)" if self.within_noise else "")
+
+
+def gain(method: Stat, baseline: Stat) -> Gain | None:
+    if method.mean is None or baseline.mean is None:
+        return None
+    stds = [method.std, baseline.std]
+    noise = None if any(s is None for s in stds) else max(stds)  # type: ignore[type-var]
+    return Gain(method.mean - baseline.mean, noise)
+
+
+@dataclass
+class GroupStats:
+    """Everything the report shows for one (dataset, model, method) group of seeds."""
+
+    dataset: str
+    model: str
+    method: str
+    family: str
+    seeds: list[int]
+    deploy_heads: list[str]
+    deploy_last: Stat
+    deploy_best: Stat
+    aux_head: str | None
+    aux_last: Stat
+    aux_best: Stat
+    train_time_s: Stat
+    img_per_s: Stat
+    params_deploy: int | None
+    params_extra: int | None
+    gain_last: Gain | None = None
+    gain_best: Gain | None = None
+    #: config keys whose values differ between the seeds of this group (should be empty)
+    inconsistent: list[str] = field(default_factory=list)
+
+
+def _values(rows: Iterable[dict[str, Any]], key: str) -> list[float]:
+    return [float(r[key]) for r in rows if r.get(key) is not None and not _isnan(r[key])]
+
+
+def _isnan(v: Any) -> bool:
+    return isinstance(v, float) and math.isnan(v)
+
+
+GroupKey = tuple[str, str, str]
+
+
+def group_key_order(keys: Iterable[GroupKey], families: dict[str, str]) -> list[GroupKey]:
+    """Report order: by dataset, model, then ``baseline`` first, families in FAMILY_ORDER, then name."""
+
+    def rank(k: GroupKey) -> tuple:
+        fam = families.get(k[2], "")
+        fam_rank = FAMILY_ORDER.index(fam) if fam in FAMILY_ORDER else len(FAMILY_ORDER)
+        return (k[0], k[1], k[2] != "baseline", fam_rank, k[2])
+
+    return sorted(set(keys), key=rank)
+
+
+def summarize(records: Sequence[RunRecord]) -> list[GroupStats]:
+    """Group runs by (dataset, model, method) and compute the statistics of :class:`GroupStats`."""
+    groups: dict[GroupKey, list[RunRecord]] = {}
+    for rec in records:
+        groups.setdefault(rec.key, []).append(rec)
+    families = {k[2]: str(v[0].summary.get("family", "")) for k, v in groups.items()}
+    out: list[GroupStats] = []
+    for key in group_key_order(groups, families):
+        recs = sorted(groups[key], key=lambda r: r.seed)
+        rows = [row for rec in recs for row in run_rows(rec)]
+        deploy_rows = [r for r in rows if r["is_deploy_head"]]
+        deploy_heads = sorted({r["head"] for r in deploy_rows})
+        aux_names = sorted({r["head"] for r in rows} - set(deploy_heads))
+        aux_head, aux_rows = None, []
+        if aux_names:
+            by_head = {h: [r for r in rows if r["head"] == h] for h in aux_names}
+            aux_head = max(aux_names, key=lambda h: (Stat(_values(by_head[h], "last_test")).mean or -1.0, h))
+            aux_rows = by_head[aux_head]
+        params_deploy = deploy_rows[0]["params_deploy"] if deploy_rows else None
+        params_extra = deploy_rows[0]["params_extra"] if deploy_rows else None
+        out.append(GroupStats(
+            dataset=key[0], model=key[1], method=key[2], family=families[key[2]],
+            seeds=[r.seed for r in recs], deploy_heads=deploy_heads,
+            deploy_last=Stat(_values(deploy_rows, "last_test")),
+            deploy_best=Stat(_values(deploy_rows, "test_at_best_val")), aux_head=aux_head,
+            aux_last=Stat(_values(aux_rows, "last_test")),
+            aux_best=Stat(_values(aux_rows, "test_at_best_val")),
+            train_time_s=Stat(_values(deploy_rows, "train_time_s")),
+            img_per_s=Stat(_values(deploy_rows, "img_per_s")),
+            params_deploy=params_deploy, params_extra=params_extra, inconsistent=_inconsistent_keys(recs),
+        ))
+    base = {(g.dataset, g.model): g for g in out if g.method == "baseline"}
+    for g in out:
+        b = base.get((g.dataset, g.model))
+        if b is not None and g.method != "baseline":
+            g.gain_last, g.gain_best = gain(g.deploy_last, b.deploy_last), gain(g.deploy_best, b.deploy_best)
+    return out
+
+
+#: config keys that legitimately differ between runs (identity, output, runtime-only settings)
+RUNTIME_KEYS = frozenset({"seed", "name", "out_dir", "progress", "log_every", "threads", "eval_batch_size",
+                          "tensorboard", "device"})
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"augment": {"flip": True}}`` -> ``{"augment.flip": True}`` (the method's ``options`` too)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _inconsistent_keys(recs: Sequence[RunRecord]) -> list[str]:
+    flats = [flatten(r.config) for r in recs if r.config]
+    keys = sorted({k for f in flats for k in f} - RUNTIME_KEYS)
+    return [k for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flats}) > 1]

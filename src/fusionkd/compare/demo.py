@@ -1,0 +1,96 @@
+"""``fusionkd demo`` (what ``make demo`` runs): a small, honest comparison on real data.
+
+``baseline`` vs one online fusion method (``ffl``) and one self fusion method (``frskd``), whichever of them
+are registered, on Fashion-MNIST with ResNet-20: a stratified training subset, a 10 % validation split
+(6,000 images) for model selection, the full 10,000-image test set, cosine lr, bf16 autocast and
+channels-last on CPU, one seed, two worker processes with one thread each. It prints the deploy-head and
+auxiliary-head test accuracy at the last and at the best-validation epoch, and the time taken.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..methods import METHODS
+from .aggregate import GroupStats
+from .grid import CompareResult, CompareSpec, compare
+
+#: the methods of the demo, in the order they are started (costliest first, so two workers finish together)
+DEMO_METHODS = ("ffl", "frskd", "baseline")
+DEMO_MODEL = "resnet20"
+#: sized so that the demo finishes within 10 minutes on 2 CPU cores (docs/compare.md has the measurement)
+DEMO_EPOCHS = 6
+DEMO_SUBSET = 5000
+
+
+def demo_options(epochs: int, subset: int, precision: str = "bf16") -> dict[str, Any]:
+    """The common config of the demo's runs."""
+    return {"dataset": "fashion-mnist", "subset": subset, "val_fraction": 0.1, "epochs": epochs,
+            "schedule": "cosine", "precision": precision, "channels_last": True, "batch_size": 128}
+
+
+@dataclass
+class DemoResult:
+    result: CompareResult
+    methods: list[str]
+    missing: list[str]
+    wall_s: float
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def demo(out: str | Path = "runs/demo", *, epochs: int = DEMO_EPOCHS, subset: int = DEMO_SUBSET,
+         precision: str = "bf16", workers: int = 2, threads: int = 1,
+         report: Callable[[str], None] | None = None) -> DemoResult:
+    """Run the demo comparison into ``out`` (runs made with other settings are replaced)."""
+    methods = [m for m in DEMO_METHODS if m in METHODS]
+    missing = [m for m in DEMO_METHODS if m not in METHODS]
+    options = demo_options(epochs, subset, precision)
+    spec = CompareSpec(methods=methods, models=[DEMO_MODEL], seeds=[0], out=Path(out), common=options,
+                       workers=max(1, min(workers, len(methods))), threads=threads, rerun_changed=True,
+                       title="fusionkd demo",
+                       command=f"fusionkd demo --epochs {epochs} --subset {subset} --precision {precision} "
+                               f"--out {out}")
+    t0 = time.perf_counter()
+    result = compare(spec, report=report)
+    return DemoResult(result, methods, missing, time.perf_counter() - t0, options)
+
+
+def _acc(stat) -> str:
+    return "-" if stat.mean is None else f"{stat.mean:.2f}"
+
+
+def demo_table(res: DemoResult) -> str:
+    """The table ``fusionkd demo`` prints."""
+    groups: list[GroupStats] = res.result.report.groups
+    cfg = res.result.tasks[0].config
+    sizes = ""
+    summary = res.result.tasks[0].run_dir / "summary.json"
+    if summary.is_file():
+        d = json.loads(summary.read_text())["data"]
+        sizes = f"{d['train']:,} train (stratified subset) / {d['val']:,} val / {d['test']:,} test images; "
+    lines = [
+        f"{cfg.model} on {cfg.dataset}: {sizes}{cfg.epochs} epochs, {cfg.schedule} lr, {cfg.precision}"
+        + (", channels_last" if cfg.channels_last else "") + f", seed {cfg.seed}",
+        f"{'method':<10} {'family':<8} {'deploy':<7} {'last':>6} {'best-val':>8}   {'aux head':<9} "
+        f"{'last':>6} {'best-val':>8}   {'train time':>10}",
+    ]
+    for g in groups:
+        lines.append(
+            f"{g.method:<10} {g.family:<8} {','.join(g.deploy_heads):<7} {_acc(g.deploy_last):>6} "
+            f"{_acc(g.deploy_best):>8}   {g.aux_head or '-':<9} {_acc(g.aux_last):>6} "
+            f"{_acc(g.aux_best):>8}   "
+            f"{g.train_time_s.mean or 0:>9.0f}s"
+        )
+    lines.append("test accuracy in %: 'last' after the final epoch, 'best-val' at the epoch of best "
+                 "validation accuracy of that head; aux = the best non-deployed head (fused / self-teacher)")
+    m, s = divmod(int(round(res.wall_s)), 60)
+    lines.append(f"wall time {m}m{s:02d}s, including data loading and evaluation")
+    if res.missing:
+        lines.append(f"not registered in this installation, left out: {', '.join(res.missing)}")
+    lines.append(f"report: {res.result.report.markdown}")
+    return "\n".join(lines)
