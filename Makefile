@@ -12,6 +12,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 DEMO_ARGS ?=
+TEST_WORKERS ?= 2
 
 .PHONY: demo test install install-test data lint clean
 
@@ -42,7 +43,7 @@ demo: install data
 
 test: install-test
 	-@$(MAKE) --no-print-directory data  # the real-data tests skip when it cannot be installed
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: install-test
 	$(VENV)/bin/ruff check src tests benchmarks

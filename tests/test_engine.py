@@ -128,6 +128,8 @@ def test_run_folder_contents(finished_run):
     assert s["data"] == {"train": 72, "val": 24, "test": 40, "name": "synthetic", "subset": None,
                          "val_fraction": 0.25}
     assert load_checkpoint(d / "best.pt")["epoch"] == best_epoch
+    log = (d / "train.log").read_text()  # filled even though the API caller set up no logging
+    assert "baseline on synthetic" in log and "epoch 3 |" in log
     assert finished_run.best_test_accuracy == s["best"]["test"]["net"]
 
 

@@ -285,6 +285,7 @@ class Trainer:
         #: the trained method after ``fit()`` (for tests and programmatic use)
         self.method: Method | None = None
         self.dist = D.env_info()
+        self._file_handler: logging.Handler | None = None
         if _resume_ckpt is None and not self.dist.enabled:
             self._prepare_fresh_dir(overwrite)  # fail before any work; under torchrun rank 0 does it in fit()
 
@@ -348,8 +349,12 @@ class Trainer:
             handler = None
             if self.dist.is_main:
                 handler = logging.FileHandler(self.run_dir / "train.log")
+                handler.setLevel(logging.INFO)
                 handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
                 log.addHandler(handler)
+                self._file_handler = handler
+                if log.getEffectiveLevel() > logging.INFO:  # API use without logging set up: still fill train.log
+                    log.setLevel(logging.INFO)
             try:
                 return self._fit()
             finally:
@@ -466,7 +471,10 @@ class Trainer:
                     atomic_save(state, self.run_dir / "last.pt")
                     if best is not None and best["epoch"] == epoch + 1:
                         atomic_save(state, self.run_dir / "best.pt")
-                progress.epoch_end(epoch, self._epoch_line(metrics, method.deploy_head))
+                line = self._epoch_line(metrics, method.deploy_head)
+                progress.epoch_end(epoch, line)
+                if progress.mode != "log" and main:  # the bar / silence still leave the epoch in train.log
+                    self._file_handler.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, line, None, None))
                 D.barrier(dist_info)  # no rank runs ahead of the checkpoint it could resume from
         finally:
             progress.close()
