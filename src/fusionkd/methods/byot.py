@@ -1,0 +1,224 @@
+"""``byot``: Be Your Own Teacher (Zhang et al., "Be Your Own Teacher: Improve the Performance of
+Convolutional Neural Networks via Self Distillation", ICCV 2019).
+
+A classifier branch is attached after every non-final stage of the backbone; the deepest classifier
+(the backbone's own head) teaches every branch with soft labels, and every branch's pooled feature
+vector is pulled towards the deepest one (METHODS.md section 0):
+
+    L = (1 - alpha) * [CE(z_L) + sum_i CE(z_i)]
+        + alpha * sum_i KL_3(z_L -> z_i)
+        + lambda * sum_i mean_b || f_i - f_L.detach() ||^2,      alpha = 0.1, lambda = 1e-6,
+
+with ``i`` over the branches, ``z`` logits and ``f`` the pooled vectors that enter each FC layer.
+
+Branch layout (the released code's ``branchBottleNeck``, built here from ``stage_info``): 1x1 conv
+(C_i -> D/4) BN ReLU -> k x k conv stride k (down to the deepest map's H x W) BN ReLU -> 1x1 conv
+(D/4 -> D) BN ReLU -> GAP -> FC, where ``D = num_features`` of the backbone (the width of the deepest
+pooled vector, = C_L for the ResNets, WRNs and VGGs), so that ``f_i`` and ``f_L`` have one size.
+
+Heads: ``branch1 .. branch{L-1}`` (shallow to deep) and ``net`` (the deepest classifier).
+Deploy: the backbone alone (branches dropped).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models import Backbone, ClassifierHead, StageInfo
+from ..models.layers import init_weights
+from .base import Method, MethodContext, register_method
+from .losses import kl_div
+
+
+def stage_sizes(stage_info: list[StageInfo], image_size: int) -> list[int]:
+    """Side of each stage map for a square ``image_size`` input: ``ceil(image_size / stride)``.
+
+    Every zoo down-sampling (3x3 stride-2 conv with padding 1, ceil-mode max-pool) rounds up, so a
+    28x28 input gives 28/14/7 for ResNet-20 and 28/14/7/4 for ResNet-18.
+    """
+    return [math.ceil(image_size / s.stride) for s in stage_info]
+
+
+def check_self_backbone(net: nn.Module, method: str) -> None:
+    """Self-distillation needs a zoo backbone with at least two stages and a :class:`ClassifierHead`."""
+    if not isinstance(net, Backbone) or not isinstance(net.head, ClassifierHead):
+        raise ValueError(f"{method} needs a zoo backbone with a ClassifierHead, got {type(net).__name__}")
+    if net.num_stages < 2:
+        raise ValueError(
+            f"{method} attaches a branch after every non-final stage, so it needs a backbone with at least "
+            f"two stages; {type(net).__name__} has {net.num_stages}"
+        )
+
+
+class BottleneckBranch(nn.Module):
+    """BYOT's auxiliary branch body: a bottleneck that brings stage map ``i`` to the deepest map's shape.
+
+    ``1x1 conv (C_in -> C_out/4) BN ReLU -> k x k conv, stride k BN ReLU -> 1x1 conv (-> C_out) BN ReLU``
+    (Zhang et al. 2019, released code ``branchBottleNeck``), ``(B, C_in, H_i, W_i) -> (B, C_out, H_L, W_L)``.
+
+    ``k = max(1, H_i // H_L)`` per side. When ``H_L`` does not divide ``H_i`` (e.g. ResNet-18 at 28x28:
+    14 -> 4 and 7 -> 4), the strided conv gives ``floor(H_i / k)`` and an adaptive average pool brings it
+    to ``H_L`` (our choice; the paper only uses sizes that divide). The target size is taken from the
+    deepest map at run time, so a mismatch between predicted and actual sizes is also absorbed.
+    Convolutions have no bias (each is followed by BN, which removes it; the released code keeps one).
+
+    Args:
+        in_channels: ``C_in`` of stage ``i``.
+        out_channels: ``C_out``, the width of the deepest (pooled) feature.
+        in_size: predicted ``H_i`` (square maps).
+        out_size: predicted ``H_L``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, in_size: int, out_size: int) -> None:
+        super().__init__()
+        mid = max(out_channels // 4, 1)
+        self.kernel = max(1, in_size // max(out_size, 1))
+        self.reduce = nn.Sequential(nn.Conv2d(in_channels, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU())
+        self.down = nn.Conv2d(mid, mid, self.kernel, stride=self.kernel, bias=False)
+        self.down_bn = nn.Sequential(nn.BatchNorm2d(mid), nn.ReLU())
+        self.expand = nn.Sequential(
+            nn.Conv2d(mid, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU()
+        )
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """``x``: ``(B, C_in, H_i, W_i)``; ``size``: ``(H_L, W_L)``. Returns ``(B, C_out, H_L, W_L)``."""
+        y = self.down(self.reduce(x))
+        if tuple(y.shape[-2:]) != tuple(size):
+            y = F.adaptive_avg_pool2d(y, size)
+        return self.expand(self.down_bn(y))
+
+
+def build_branches(net: Backbone, image_size: int, num_classes: int) -> tuple[nn.ModuleList, nn.ModuleList]:
+    """One :class:`BottleneckBranch` and one ``Linear(num_features, num_classes)`` per non-final stage."""
+    sizes = stage_sizes(net.stage_info, image_size)
+    width = net.num_features
+    bodies = nn.ModuleList(
+        BottleneckBranch(s.channels, width, sizes[i], sizes[-1]) for i, s in enumerate(net.stage_info[:-1])
+    )
+    heads = nn.ModuleList(nn.Linear(width, num_classes) for _ in net.stage_info[:-1])
+    init_weights(bodies)
+    return bodies, heads
+
+
+def gap(x: torch.Tensor) -> torch.Tensor:
+    """Global average pooling ``(B, C, H, W) -> (B, C)``."""
+    return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+
+def deepest_map(head: ClassifierHead, last: torch.Tensor) -> torch.Tensor:
+    """The map the backbone's head pools: ``head.pre(last)`` (the final BN-ReLU of a WRN, else identity)."""
+    return head.pre(last)
+
+
+def head_logits(head: ClassifierHead, pooled: torch.Tensor) -> torch.Tensor:
+    """The rest of the head after pooling: ``fc(dropout(pooled))``, so ``head_logits(head, gap(pre(x))) ==
+    head(x)`` without running ``pre`` (and its BN statistics) twice."""
+    return head.fc(head.dropout(pooled))
+
+
+@dataclass
+class BYOTOptions:
+    """Options of ``byot`` (Zhang et al. 2019; defaults from METHODS.md section 0)."""
+
+    alpha: float = 0.1  #: weight of the soft-label terms; CE terms get ``1 - alpha``
+    feature_weight: float = 1e-6  #: lambda, weight of the pooled-feature L2 terms
+    temperature: float = 3.0  #: softmax temperature of the soft-label terms
+
+    def validate(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1] (CE terms are weighted 1 - alpha), got {self.alpha}")
+        if self.feature_weight < 0:
+            raise ValueError(f"feature_weight must not be negative, got {self.feature_weight}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+
+
+@dataclass
+class BYOTOutputs:
+    """One forward pass of :class:`BYOT`.
+
+    Attributes:
+        branch_logits: ``[(B, K)]``, one per branch, shallow to deep.
+        branch_features: ``[(B, D)]``, the pooled vectors entering each branch FC.
+        deep_logits: ``(B, K)``, the backbone's own logits.
+        deep_features: ``(B, D)``, the pooled vector entering the backbone's FC.
+    """
+
+    branch_logits: list[torch.Tensor]
+    branch_features: list[torch.Tensor]
+    deep_logits: torch.Tensor
+    deep_features: torch.Tensor
+
+
+@register_method("byot", "Be Your Own Teacher: a classifier branch after each stage, the deepest head teaches")
+class BYOT(Method):
+    """Be Your Own Teacher (Zhang et al., ICCV 2019); see the module docstring for the loss."""
+
+    family = "self"
+    Options = BYOTOptions
+
+    def __init__(self, ctx: MethodContext, options: BYOTOptions | None = None) -> None:
+        super().__init__(ctx, options)
+        self.net = ctx.create()
+        check_self_backbone(self.net, "byot")
+        self.branches, self.branch_fcs = build_branches(self.net, ctx.image_size, ctx.num_classes)
+
+    @property
+    def branch_names(self) -> list[str]:
+        return [f"branch{i + 1}" for i in range(len(self.branches))]
+
+    def forward_all(self, images: torch.Tensor) -> BYOTOutputs:
+        """Backbone stages once, then every branch and the deepest head on ``images`` ``(B, C, H, W)``."""
+        maps = self.net.forward_stages(images)
+        deep_features = gap(deepest_map(self.net.head, maps[-1]))
+        size = tuple(maps[-1].shape[-2:])
+        branch_features = [gap(body(m, size)) for body, m in zip(self.branches, maps[:-1])]
+        return BYOTOutputs(
+            branch_logits=[fc(f) for fc, f in zip(self.branch_fcs, branch_features)],
+            branch_features=branch_features,
+            deep_logits=head_logits(self.net.head, deep_features),
+            deep_features=deep_features,
+        )
+
+    def losses(self, out: BYOTOutputs, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The weighted loss terms of Zhang et al. (2019), Eq. 1-3 (with the spec's alpha and lambda).
+
+        * ``loss_ce_net = (1 - alpha) CE(z_L)``; ``loss_ce_branches = (1 - alpha) sum_i CE(z_i)``;
+        * ``loss_kd = alpha * sum_i T^2 KL(softmax(z_L/T) || softmax(z_i/T))`` (teacher detached; the
+          released code uses the soft-target cross-entropy, which differs by the constant teacher entropy);
+        * ``loss_feat = lambda * sum_i mean_b ||f_i - f_L.detach()||^2`` (squared L2 over the feature,
+          mean over the batch; the released code sums over the batch too).
+        """
+        o = self.options
+        deep = out.deep_logits.float()
+        ce_branches = sum(F.cross_entropy(z.float(), labels) for z in out.branch_logits)
+        kd = sum(kl_div(z, deep, o.temperature) for z in out.branch_logits)
+        target = out.deep_features.detach().float()
+        feat = sum((f.float() - target).pow(2).sum(dim=1).mean() for f in out.branch_features)
+        return {
+            "loss_ce_net": (1.0 - o.alpha) * F.cross_entropy(deep, labels),
+            "loss_ce_branches": (1.0 - o.alpha) * ce_branches,
+            "loss_kd": o.alpha * kd,
+            "loss_feat": o.feature_weight * feat,
+        }
+
+    def training_step(self, images: torch.Tensor, labels: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
+        return self.losses(self.forward_all(images), labels)
+
+    def eval_logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.forward_all(images)
+        heads = dict(zip(self.branch_names, out.branch_logits))
+        heads["net"] = out.deep_logits
+        return heads
+
+    @property
+    def deploy_head(self) -> str:
+        return "net"
+
+    def deploy_model(self) -> nn.Module:
+        return self.net
