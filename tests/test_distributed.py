@@ -39,10 +39,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(settings: dict, out: Path) -> None:
+def _torchrun(settings: dict, out: Path, mode: str = "") -> None:
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
     cmd = [torchrun, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-           str(HERE / "ddp_worker.py"), json.dumps(settings), str(out)]
+           str(HERE / "ddp_worker.py"), json.dumps(settings), str(out)] + ([mode] if mode else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent / "src")}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -93,3 +93,42 @@ def test_ddp_two_cpu_processes_match_single_process(method, tmp_path):
         assert torch.allclose(r0["params"][k], v, atol=2e-5, rtol=1e-4), f"{k}: DDP != single process"
     run = tmp_path / "runs" / method
     assert (run / "summary.json").is_file() and (run / "last.pt").is_file()  # rank 0 wrote the run folder
+
+
+def test_ddp_resume_continues_exactly(tmp_path):
+    """A DDP run stopped after one epoch and resumed under torchrun ends where an uninterrupted one does."""
+    full = {**SETTINGS, "method": "baseline", "out_dir": str(tmp_path / "runs"), "name": "full"}
+    part = {**full, "name": "part"}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _torchrun(full, tmp_path / "a")
+    _torchrun(part, tmp_path / "b", "1")
+    assert torch.load(tmp_path / "runs" / "part" / "last.pt", weights_only=True)["epoch"] == 1
+    _torchrun(part, tmp_path / "b", f"resume:{tmp_path / 'runs' / 'part'}")
+    a = torch.load(tmp_path / "a" / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "rank0.pt", weights_only=True)
+    for k in a["params"]:
+        assert torch.equal(a["params"][k], b["params"][k]), k
+    assert a["summary"]["best"] == b["summary"]["best"]
+
+
+def test_ddp_with_frozen_teacher_and_stage_switch(tmp_path):
+    """mfkd: the frozen teacher is replicated (never wrapped, never changed) and the fusion module, frozen
+    after its own stage, makes the engine re-wrap DDP instead of needing find_unused_parameters."""
+    import fusionkd
+
+    teacher = fusionkd.train(**{**SETTINGS, "method": "baseline", "epochs": 1, "out_dir": str(tmp_path / "t"),
+                                "name": "teacher"})
+    settings = {**SETTINGS, "method": "mfkd", "epochs": 3, "teacher": str(teacher.run_dir / "best.pt"),
+                "options": {"fusion_epochs": 1}, "out_dir": str(tmp_path / "runs"), "name": "mfkd"}
+    _torchrun(settings, tmp_path)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for k in r0["params"]:
+        assert torch.equal(r0["params"][k], r1["params"][k]), f"{k} differs across ranks"
+    original = torch.load(teacher.run_dir / "best.pt", weights_only=True)["deploy"]["state_dict"]
+    for name, value in original.items():
+        for r in (r0, r1):
+            trained = {**r["params"], **r["buffers"]}
+            key = next(k for k in trained if k.endswith("teacher." + name) or k.endswith("teacher.model." + name))
+            assert torch.equal(trained[key], value), f"teacher {name} changed"
