@@ -43,7 +43,7 @@ demo: install data
 
 test: install-test
 	-@$(MAKE) --no-print-directory data  # the real-data tests skip when it cannot be installed
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: install-test
 	$(VENV)/bin/ruff check src tests benchmarks
