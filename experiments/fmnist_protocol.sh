@@ -21,6 +21,7 @@ EVAL_EVERY=${EVAL_EVERY:-2}
 MODEL=${MODEL:-resnet20}
 TEACHER_MODEL=${TEACHER_MODEL:-resnet56}
 PRECISION=${PRECISION:-bf16}
+METHODS=${METHODS:-}           # override the family's method list (e.g. to split the work by hand)
 
 COMMON="--dataset fashion-mnist --batch-size 64 --lr 0.05 --schedule cosine --nesterov true \
   --weight-decay 0.0005 --val-fraction 0.05 --data-seed 0 --eval-every $EVAL_EVERY --eval-batch-size 1000 \
@@ -59,14 +60,14 @@ pool() { xargs -P "$1" -L 1 bash -c 'run "$@"' _; }
 baselines() { FAMILY=shared; export FAMILY; mkdir -p "$OUT/shared"; jobs_for baseline "" | pool "$1"; }
 
 case "$FAMILY" in
-  online)  baselines "$WORKERS"; jobs_for "dml one ffl_s ffl mfef" "" | pool "$WORKERS" ;;
-  self)    baselines "$WORKERS"; jobs_for "byot frskd fmfsd" "" | pool "$WORKERS" ;;
+  online)  baselines "$WORKERS"; jobs_for "${METHODS:-dml one ffl_s ffl mfef}" "" | pool "$WORKERS" ;;
+  self)    baselines "$WORKERS"; jobs_for "${METHODS:-byot frskd fmfsd}" "" | pool "$WORKERS" ;;
   offline)
     T="$OUT/offline/teacher-$TEACHER_MODEL"
     run "teacher-$TEACHER_MODEL" --method baseline --model "$TEACHER_MODEL" --seed 0 --epochs "$TEACHER_EPOCHS" &
     teacher=$!
     (baselines 1)                 # the students' baselines need no teacher: run them beside it
     wait "$teacher"
-    jobs_for "kd fitnet at mfkd" "--teacher $T/best.pt" | pool "$WORKERS" ;;
+    jobs_for "${METHODS:-kd fitnet at mfkd}" "--teacher $T/best.pt" | pool "$WORKERS" ;;
   *) echo "unknown family $FAMILY" >&2; exit 2 ;;
 esac
