@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import pickle
@@ -331,3 +332,15 @@ def test_cli_eval_and_export(finished_run, tmp_path, capsys):
     assert "confusion matrix" in out and "net *" in out
     assert main(["export", str(finished_run.run_dir / "best.pt"), "--out", str(tmp_path / "m.pt2")]) == 0
     assert (tmp_path / "m.pt2").is_file() and (tmp_path / "m.pt").is_file()
+
+
+# ---------------------------------------------------------------------- torch.compile
+def test_compile_trains_like_eager_without_falling_back(tmp_path, caplog):
+    kw = dict(epochs=1, dataset_options={"num_classes": 4, "in_chans": 1, "train_size": 64, "test_size": 16})
+    eager = fusionkd.train(**tiny(tmp_path, name="eager", **kw))
+    with caplog.at_level(logging.WARNING, logger="torch._dynamo"):
+        compiled = fusionkd.train(**tiny(tmp_path, name="compiled", compile=True, **kw))
+    assert not [r for r in caplog.records if "recompile_limit" in r.getMessage()]
+    a = json.loads((eager.run_dir / "metrics.jsonl").read_text())["train"]["loss"]
+    b = json.loads((compiled.run_dir / "metrics.jsonl").read_text())["train"]["loss"]
+    assert b == pytest.approx(a, rel=1e-3)

@@ -235,6 +235,18 @@ def build_method(cfg: Config, info: DatasetInfo, device: torch.device,
 def compile_networks(method: nn.Module) -> int:
     """``torch.compile`` every stem, stage and head of every backbone inside ``method`` (in place,
     state-dict keys unchanged). Stage granularity keeps methods free to call ``forward_stages``."""
+    import torch._dynamo
+
+    # Every stage is an nn.Sequential, so all of them share one code object, and dynamo's recompile limit
+    # (8 per code object) counts stage instances x train/eval x batch shapes: raise it so that nothing
+    # silently falls back to eager.
+    cfg_dyn = torch._dynamo.config
+    if hasattr(cfg_dyn, "recompile_limit"):
+        cfg_dyn.recompile_limit = max(cfg_dyn.recompile_limit, 128)
+    else:  # older torch
+        cfg_dyn.cache_size_limit = max(cfg_dyn.cache_size_limit, 128)
+    if hasattr(cfg_dyn, "accumulated_recompile_limit"):
+        cfg_dyn.accumulated_recompile_limit = max(cfg_dyn.accumulated_recompile_limit, 1024)
     done = 0
     for module in method.modules():
         if hasattr(module, "forward_stages") and hasattr(module, "stages"):
