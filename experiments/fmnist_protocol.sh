@@ -57,7 +57,9 @@ pool() { xargs -P "$1" -L 1 bash -c 'run "$@"' _; }
 
 # The baseline rows are the same runs for every family (same protocol and seeds): they live in
 # OUT/shared and every family's report includes them.
-baselines() { FAMILY=shared; export FAMILY; mkdir -p "$OUT/shared"; jobs_for baseline "" | pool "$1"; }
+baselines() (  # a subshell: FAMILY changes only here
+  FAMILY=shared; export FAMILY; mkdir -p "$OUT/shared"; jobs_for baseline "" | pool "$1"
+)
 
 case "$FAMILY" in
   online)  baselines "$WORKERS"; jobs_for "${METHODS:-dml one ffl_s ffl mfef}" "" | pool "$WORKERS" ;;
@@ -66,7 +68,7 @@ case "$FAMILY" in
     T="$OUT/offline/teacher-$TEACHER_MODEL"
     run "teacher-$TEACHER_MODEL" --method baseline --model "$TEACHER_MODEL" --seed 0 --epochs "$TEACHER_EPOCHS" &
     teacher=$!
-    (baselines 1)                 # the students' baselines need no teacher: run them beside it
+    baselines 1                   # the students' baselines need no teacher: run them beside it
     wait "$teacher"
     jobs_for "${METHODS:-kd fitnet at mfkd}" "--teacher $T/best.pt" | pool "$WORKERS" ;;
   *) echo "unknown family $FAMILY" >&2; exit 2 ;;
