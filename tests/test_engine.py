@@ -344,3 +344,18 @@ def test_compile_trains_like_eager_without_falling_back(tmp_path, caplog):
     a = json.loads((eager.run_dir / "metrics.jsonl").read_text())["train"]["loss"]
     b = json.loads((compiled.run_dir / "metrics.jsonl").read_text())["train"]["loss"]
     assert b == pytest.approx(a, rel=1e-3)
+
+
+def test_progress_bar_shows_loss_accuracy_speed_and_eta():
+    import io
+
+    from fusionkd.engine.progress import Progress
+
+    out = io.StringIO()
+    p = Progress("bar", epochs=4, steps_per_epoch=10, stream=out)
+    p.step(1, 5, 0.5, 1234.0, 81.25)
+    text = out.getvalue()
+    assert "epoch 2/4" in text and "5/10" in text and "loss 0.5000" in text and "val acc 81.25%" in text
+    assert "1,234 img/s" in text and "ETA" in text
+    p.epoch_end(1, "epoch 2 | summary")
+    assert out.getvalue().rstrip().endswith("epoch 2 | summary")

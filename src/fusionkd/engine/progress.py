@@ -46,12 +46,14 @@ class Progress:
         elapsed = time.perf_counter() - self.t0
         return elapsed / done * (total - done) if done > 0 else 0.0
 
-    def step(self, epoch: int, step: int, loss: float, img_per_s: float) -> None:
+    def step(self, epoch: int, step: int, loss: float, img_per_s: float, val_acc: float | None = None) -> None:
+        """Refresh the bar; ``val_acc`` is the deploy head's latest validation accuracy (%), if any."""
         if self.mode != "bar":
             return
         frac = step / self.spe
         bar = "#" * int(20 * frac) + "-" * (20 - int(20 * frac))
-        line = (f"epoch {epoch + 1}/{self.epochs} [{bar}] {step}/{self.spe} loss {loss:.4f} "
+        acc = f" val acc {val_acc:.2f}%" if val_acc is not None else ""
+        line = (f"epoch {epoch + 1}/{self.epochs} [{bar}] {step}/{self.spe} loss {loss:.4f}{acc} "
                 f"{img_per_s:,.0f} img/s ETA {_fmt_time(self._eta(epoch, step))}")
         pad = max(0, self._width - len(line))
         self._width = len(line)

@@ -298,6 +298,7 @@ class Trainer:
         self.method: Method | None = None
         self.dist = D.env_info()
         self._file_handler: logging.Handler | None = None
+        self._last_val: float | None = None  # deploy head's latest validation accuracy, for the progress bar
         if _resume_ckpt is None and not self.dist.enabled:
             self._prepare_fresh_dir(overwrite)  # fail before any work; under torchrun rank 0 does it in fit()
 
@@ -471,6 +472,7 @@ class Trainer:
                     val = evaluate(method, val_loader, amp, dist_info) if val_loader is not None else {}
                     test = evaluate(method, test_loader, amp, dist_info)
                     method.on_validation(val)
+                    self._last_val = val.get(method.deploy_head)
                     metrics.update(val=val, test=test, time_eval_s=time.perf_counter() - t0)
                 metrics["deploy_head"] = method.deploy_head
                 best = self._update_best(best, metrics, method.deploy_head)
@@ -548,7 +550,7 @@ class Trainer:
             if steps % cfg.log_every == 0:
                 self._check_finite(bad_step, epoch)
                 mean_loss = float(sum(sums.values()).item()) / steps
-                progress.step(epoch, steps, mean_loss, n_seen / (time.perf_counter() - t0))
+                progress.step(epoch, steps, mean_loss, n_seen / (time.perf_counter() - t0), self._last_val)
         self._check_finite(bad_step, epoch)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
