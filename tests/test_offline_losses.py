@@ -20,14 +20,6 @@ from fusionkd.methods.mfkd import MultiLayerFusion, fast_normalized_weights, fea
 from fusionkd.models import StageInfo, create_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _softmax(xs: list[float]) -> list[float]:
     m = max(xs)
     e = [math.exp(x - m) for x in xs]

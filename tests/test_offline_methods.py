@@ -17,14 +17,6 @@ from fusionkd.models import create_model
 OFFLINE = ["kd", "fitnet", "at", "mfkd"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make(method: str, teacher: str = "resnet32", epochs: int = 10, student: str = "resnet20", **options) -> Method:
     torch.manual_seed(0)
     t = create_model(teacher, num_classes=10, in_chans=1)

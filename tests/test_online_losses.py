@@ -22,16 +22,6 @@ Z3 = [[0.5, 0.5, -1.0], [2.0, -2.0, 0.0]]
 LABELS = [1, 2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tests use tiny tensors: one intra-op thread is fastest, and on a loaded machine a second
-    thread mostly spins (the suite took 8x longer with 2 threads than with 1 on the shared 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def t(rows: list[list[float]]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float32)
 

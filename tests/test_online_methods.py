@@ -28,16 +28,6 @@ HEADS = {
 LATE_EPOCH = 100  # past the ramp-up: every weight is 1, so no gradient is too small to see
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tests use tiny tensors: one intra-op thread is fastest, and on a loaded machine a second
-    thread mostly spins (the suite took 8x longer with 2 threads than with 1 on the shared 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def context(**kw) -> MethodContext:
     base = dict(model="resnet20", num_classes=10, in_chans=1, image_size=16, epochs=30)
     return MethodContext(**{**base, **kw})

@@ -31,16 +31,6 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tests use tiny tensors: one intra-op thread is fastest, and on a loaded machine a second
-    thread mostly spins (the suite took 8x longer with 2 threads than with 1 on the shared 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("method", list(CASES))
 def test_online_method_trains_end_to_end(tmp_path: Path, method: str):
     options, heads, terms = CASES[method]

@@ -8,40 +8,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from gradflow import batch, reached, under
 
 from fusionkd.methods import MethodContext
 from fusionkd.methods.byot import BYOT, BottleneckBranch, BYOTOptions, BYOTOutputs, stage_sizes
 from fusionkd.models import create_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make(model: str = "resnet20", size: int = 28, in_chans: int = 1, **options) -> BYOT:
     torch.manual_seed(0)
     ctx = MethodContext(model=model, num_classes=10, in_chans=in_chans, image_size=size, epochs=10)
     return BYOT(ctx, BYOTOptions(**options))
-
-
-def batch(size: int = 28, in_chans: int = 1, n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(n, in_chans, size, size, generator=g), torch.randint(0, 10, (n,), generator=g)
-
-
-def reached(method: torch.nn.Module, loss: torch.Tensor) -> set[str]:
-    """Names of the parameters that ``loss`` gives a non-zero gradient."""
-    method.zero_grad(set_to_none=True)
-    loss.backward(retain_graph=True)
-    return {n for n, p in method.named_parameters() if p.grad is not None and bool(p.grad.abs().sum() > 0)}
-
-
-def under(names: set[str], prefix: str) -> set[str]:
-    return {n for n in names if n.startswith(prefix)}
 
 
 # ----------------------------------------------------------------------------- branches

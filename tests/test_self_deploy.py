@@ -17,14 +17,6 @@ HEADS = {"byot": {"branch1", "branch2", "net"}, "frskd": {"net", "teacher"},
          "fmfsd": {"branch1", "branch2", "net", "fused"}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def trained(name: str, model: str = "resnet20", steps: int = 2):
     """A method after a few SGD steps (so that its weights and BN statistics are not the initial ones)."""
     torch.manual_seed(0)

@@ -20,11 +20,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .base import Method, MethodContext, register_method
 from .losses import kl_div
-from .peers import PeerNetworks, best_index, resolve_peer_names
+from .peers import BestPeerDeployment, PeerNetworks, resolve_peer_names
 
 
 def mutual_kl(logits: Sequence[torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
@@ -65,7 +64,7 @@ def dml_loss(logits: Sequence[torch.Tensor], labels: torch.Tensor, temperature: 
 
 
 @register_method("dml", "Deep Mutual Learning: m peers, each CE + mean KL towards the others")
-class DML(Method):
+class DML(BestPeerDeployment, Method):
     family = "online"
     accepts_models = True
 
@@ -100,22 +99,6 @@ class DML(Method):
         out = dict(zip(self.heads, logits))
         out["ensemble"] = torch.stack(logits).mean(dim=0)
         return out
-
-    def on_validation(self, val_accuracy: dict[str, float]) -> None:
-        best = best_index(val_accuracy, self.heads)
-        if best is not None:
-            self.best_peer.fill_(best)
-
-    @property
-    def deploy_head(self) -> str:
-        return self.heads[int(self.best_peer)]
-
-    @property
-    def deploy_model_name(self) -> str:
-        return self.peers.names[int(self.best_peer)]
-
-    def deploy_model(self) -> nn.Module:
-        return self.peers.deploy(int(self.best_peer))
 
     def summary_extras(self) -> dict[str, object]:
         return {"peers": self.peers.names, "deployed_peer": self.deploy_head}

@@ -37,7 +37,7 @@ from torch import nn
 from .base import Method, MethodContext, register_method
 from .fusion import FusionModule, ffl_rampup_epochs, fusion_mutual_loss
 from .losses import sigmoid_rampup
-from .peers import PeerNetworks, best_index, resolve_peer_names
+from .peers import BestPeerDeployment, PeerNetworks, resolve_peer_names
 
 FFL_RECIPE: dict[str, Any] = {"nesterov": True, "weight_decay": 1e-4}
 
@@ -51,7 +51,7 @@ def _check_common(temperature: float, rampup_epochs: float | None, fusion_weight
         raise ValueError(f"fusion_weight_decay must not be negative, got {fusion_weight_decay}")
 
 
-class FusionOnlineMethod(Method):
+class FusionOnlineMethod(BestPeerDeployment, Method):
     """What FFL, FFL-S and MFEF share: peers, a fusion module over their (processed) last maps, FFL's
     loss, the per-group weight decay, the heads and best-peer deployment.
 
@@ -109,22 +109,6 @@ class FusionOnlineMethod(Method):
             {"params": networks, "weight_decay": weight_decay, "name": "networks"},
             {"params": fusion, "weight_decay": self.options.fusion_weight_decay, "name": "fusion"},
         ]
-
-    def on_validation(self, val_accuracy: dict[str, float]) -> None:
-        best = best_index(val_accuracy, self.heads)
-        if best is not None:
-            self.best_peer.fill_(best)
-
-    @property
-    def deploy_head(self) -> str:
-        return self.heads[int(self.best_peer)]
-
-    @property
-    def deploy_model_name(self) -> str:
-        return self.peers.names[int(self.best_peer)]
-
-    def deploy_model(self) -> nn.Module:
-        return self.peers.deploy(int(self.best_peer))
 
     def summary_extras(self) -> dict[str, Any]:
         return {"peers": self.peers.names, "deployed_peer": self.deploy_head,

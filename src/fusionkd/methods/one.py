@@ -26,7 +26,7 @@ from torch import nn
 
 from .base import Method, MethodContext, register_method
 from .losses import kl_div, sigmoid_rampup
-from .peers import PeerNetworks, best_index
+from .peers import BestPeerDeployment, PeerNetworks
 
 
 class BranchGate(nn.Module):
@@ -79,7 +79,7 @@ def one_loss(branch_logits: Sequence[torch.Tensor], teacher_logits: torch.Tensor
 
 
 @register_method("one", "On-the-fly Native Ensemble: shared trunk, m branches taught by their gated ensemble")
-class ONE(Method):
+class ONE(BestPeerDeployment, Method):
     family = "online"
 
     @dataclass
@@ -121,18 +121,6 @@ class ONE(Method):
     def eval_logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         branch_logits, teacher = self._forward(images)
         return {**dict(zip(self.heads, branch_logits)), "gate": teacher}
-
-    def on_validation(self, val_accuracy: dict[str, float]) -> None:
-        best = best_index(val_accuracy, self.heads)
-        if best is not None:
-            self.best_peer.fill_(best)
-
-    @property
-    def deploy_head(self) -> str:
-        return self.heads[int(self.best_peer)]
-
-    def deploy_model(self) -> nn.Module:
-        return self.peers.deploy(int(self.best_peer))
 
     def summary_extras(self) -> dict[str, object]:
         return {"branches": self.options.branches, "deployed_branch": self.deploy_head}

@@ -63,6 +63,35 @@ def best_index(val_accuracy: dict[str, float], heads: Sequence[str]) -> int | No
     return accs.index(max(accs))
 
 
+class BestPeerDeployment:
+    """Deploy the peer with the best validation accuracy (DML, ONE, FFL, FFL-S, MFEF).
+
+    Decided at every evaluation and kept in the ``best_peer`` buffer, so it is checkpointed. The host
+    method defines ``heads`` (one head name per peer, in peer order), ``peers`` (a :class:`PeerNetworks`)
+    and registers the ``best_peer`` buffer; list this class before :class:`Method` among the bases.
+    """
+
+    heads: list[str]
+    peers: PeerNetworks
+    best_peer: torch.Tensor
+
+    def on_validation(self, val_accuracy: dict[str, float]) -> None:
+        best = best_index(val_accuracy, self.heads)
+        if best is not None:
+            self.best_peer.fill_(best)
+
+    @property
+    def deploy_head(self) -> str:
+        return self.heads[int(self.best_peer)]
+
+    @property
+    def deploy_model_name(self) -> str:
+        return self.peers.names[int(self.best_peer)]
+
+    def deploy_model(self) -> nn.Module:
+        return self.peers.deploy(int(self.best_peer))
+
+
 @dataclass
 class PeerOutputs:
     """What :meth:`PeerNetworks.forward` returns, one entry per peer.
