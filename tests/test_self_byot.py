@@ -139,3 +139,12 @@ def test_gradient_flow_of_each_term():
     feat = reached(m, terms["loss_feat"])
     assert all(under(feat, p) for p in lower + ["branches.0.", "branches.1."])
     assert not under(feat, "branch_fcs.") and not under(feat, "net.stages.2.") and not under(feat, "net.head.")
+
+
+def test_detach_branches_ablation_keeps_branch_losses_off_the_backbone():
+    m = make(detach_branches=True)
+    x, y = batch()
+    terms = m.training_step(x, y, 0)
+    assert under(reached(m, terms["loss_ce_branches"]), "net.") == set()
+    assert under(reached(m, terms["loss_ce_branches"]), "branches.")
+    assert under(reached(m, terms["loss_ce_net"]), "net.stages.0")

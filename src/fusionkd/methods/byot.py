@@ -127,6 +127,9 @@ class BYOTOptions:
 
     alpha: float = 0.1  #: weight of the soft-label terms; CE terms get ``1 - alpha``
     feature_weight: float = 1e-6  #: lambda, weight of the pooled-feature L2 terms
+    #: ablation (ours, not in the paper): branches read detached stage maps, so no branch loss reaches the
+    #: backbone, which then learns from its own CE only; isolates what the branches do to the backbone
+    detach_branches: bool = False
     temperature: float = 3.0  #: softmax temperature of the soft-label terms
 
     def validate(self) -> None:
@@ -177,7 +180,8 @@ class BYOT(Method):
         maps = self.net.forward_stages(images)
         deep_features = gap(deepest_map(self.net.head, maps[-1]))
         size = tuple(maps[-1].shape[-2:])
-        branch_features = [gap(body(m, size)) for body, m in zip(self.branches, maps[:-1])]
+        inputs = [m.detach() for m in maps[:-1]] if self.options.detach_branches else maps[:-1]
+        branch_features = [gap(body(m, size)) for body, m in zip(self.branches, inputs)]
         return BYOTOutputs(
             branch_logits=[fc(f) for fc, f in zip(self.branch_fcs, branch_features)],
             branch_features=branch_features,
