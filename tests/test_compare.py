@@ -272,6 +272,21 @@ def test_workers_run_in_subprocesses_with_split_threads(tmp_path):
     assert len(r.report.groups) == 1 and r.report.groups[0].seeds == [0, 1]
 
 
+def test_devices_are_handed_to_worker_slots_round_robin(tmp_path):
+    spec = CompareSpec(methods=["baseline"], models=["resnet20"], seeds=[0], out=tmp_path, common=dict(TINY),
+                       workers=4, threads=1, devices=["cuda:0", "cuda:1"])
+    runner = grid.GridRunner(spec, report=None, total_runs=1)
+    assert runner.slot_devices == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    # the device reaches each run's config (cpu here: no GPU on the test machines)
+    out = tmp_path / "cmp"
+    cpu = CompareSpec(methods=["baseline"], models=["resnet20"], seeds=[0, 1], out=out, common=dict(TINY),
+                      workers=2, threads=1, devices=["cpu", "cpu"])
+    r = compare(cpu, report=lambda line: None)
+    assert not r.failures
+    for t in r.tasks:
+        assert json.loads((t.run_dir / "summary.json").read_text())["hardware"]["device"] == "cpu"
+
+
 def test_threads_default_split(monkeypatch):
     monkeypatch.setattr(grid, "cpu_count", lambda: 8)
     assert CompareSpec(["baseline"], ["resnet20"], [0], workers=3).threads_per_worker() == 2
