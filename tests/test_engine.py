@@ -359,3 +359,13 @@ def test_progress_bar_shows_loss_accuracy_speed_and_eta():
     assert "1,234 img/s" in text and "ETA" in text
     p.epoch_end(1, "epoch 2 | summary")
     assert out.getvalue().rstrip().endswith("epoch 2 | summary")
+
+
+def test_export_onnx_when_the_package_is_installed(finished_run, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    w = fusionkd.export_checkpoint(finished_run.run_dir / "best.pt", tmp_path / "m.pt2", onnx=True)
+    model = onnx.load(w["onnx"])
+    onnx.checker.check_model(model)
+    assert [i.name for i in model.graph.input] == ["images"] and [o.name for o in model.graph.output] == ["logits"]
+    batch_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param == "batch"  # dynamic batch size
