@@ -369,3 +369,17 @@ def test_export_onnx_when_the_package_is_installed(finished_run, tmp_path):
     assert [i.name for i in model.graph.input] == ["images"] and [o.name for o in model.graph.output] == ["logits"]
     batch_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
     assert batch_dim.dim_param == "batch"  # dynamic batch size
+
+
+def test_teacher_check_names_every_mismatch_and_survives_missing_normalisation():
+    from fusionkd.data import DatasetInfo
+    from fusionkd.engine.trainer import check_teacher_matches
+
+    info = DatasetInfo("fashion-mnist", [f"c{i}" for i in range(10)], (0.286,), (0.353,), 1, 28)
+    good = {"data": info.to_dict()}
+    check_teacher_matches(good, info, "t.pt")
+    with pytest.raises(ConfigError, match=r"dataset 'cifar10' vs 'fashion-mnist'.*3 input channels vs 1"):
+        check_teacher_matches({"data": {**info.to_dict(), "name": "cifar10", "in_chans": 3}}, info, "t.pt")
+    no_norm = {"data": {k: v for k, v in info.to_dict().items() if k not in ("mean", "std")}}
+    with pytest.raises(ConfigError, match="normalisation mean/std None/None"):
+        check_teacher_matches(no_norm, info, "t.pt")

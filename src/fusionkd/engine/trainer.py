@@ -128,8 +128,12 @@ def check_teacher_matches(meta: dict[str, Any], info: DatasetInfo, source: str) 
         problems.append(f"{t.get('in_chans')} input channels vs {info.in_chans}")
     if t.get("image_size") != info.image_size:
         problems.append(f"input size {t.get('image_size')} vs {info.image_size}")
-    if not problems and not (
-        np.allclose(t.get("mean"), info.mean, atol=1e-4) and np.allclose(t.get("std"), info.std, atol=1e-4)
+    mean, std = t.get("mean"), t.get("std")
+    if mean is None or std is None or len(mean) != len(info.mean) or len(std) != len(info.std):
+        if not problems:
+            problems.append(f"normalisation mean/std {mean}/{std} vs {info.mean}/{info.std}")
+    elif not problems and not (
+        np.allclose(mean, info.mean, atol=1e-4) and np.allclose(std, info.std, atol=1e-4)
     ):
         problems.append(f"normalisation mean/std {t.get('mean')}/{t.get('std')} vs {info.mean}/{info.std}")
     if problems:
