@@ -318,7 +318,7 @@ def test_hook_backbone_head_that_does_not_fit_the_last_stage() -> None:
 
 
 def test_hook_backbone_cannot_split() -> None:
-    with pytest.raises(NotImplementedError, match="cannot be split.*zoo backbone"):
+    with pytest.raises(TypeError, match="cannot be split.*zoo backbone"):
         _hooked().split(1)
 
 

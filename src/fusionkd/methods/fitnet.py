@@ -32,7 +32,7 @@ from ._offline import (
     stage_index,
 )
 from .base import MethodContext, register_method
-from .losses import kl_div
+from .losses import feature_mse, kl_div
 
 
 @dataclass
@@ -61,16 +61,8 @@ class FitNetOptions:
         check_temperature(self.temperature)
 
 
-def hint_loss(student_map: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
-    """FitNets' hint loss (Romero et al. 2015): ``mean((s - t)^2)`` over batch, channels and positions.
-
-    Args:
-        student_map: the connector's output ``(B, C, H, W)``.
-        teacher_map: the hint ``(B, C, H, W)``; detached here.
-    Returns:
-        A float32 scalar.
-    """
-    return F.mse_loss(student_map.float(), teacher_map.detach().float())
+#: FitNets' hint loss / MFKD's feature loss: MSE to the detached target (see ``losses.feature_mse``)
+hint_loss = feature_mse
 
 
 @register_method("fitnet", "FitNets: hint MSE from a teacher stage through a 1x1 conv-BN connector (+CE)")

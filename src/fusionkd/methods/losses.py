@@ -54,6 +54,14 @@ def attention_transfer(student: torch.Tensor, teacher: torch.Tensor) -> torch.Te
     return (attention_map(student) - attention_map(teacher.detach())).pow(2).mean()
 
 
+def feature_mse(student_map: torch.Tensor, target_map: torch.Tensor) -> torch.Tensor:
+    """``mean((s - t.detach())^2)`` over every element, in float32: a feature map regressing a fixed
+    target (FitNets' hint, MFKD's fused teacher map). The target is detached: the loss trains the student
+    side only. Shapes must match, ``(B, C, H, W)``.
+    """
+    return F.mse_loss(student_map.float(), target_map.detach().float())
+
+
 def sigmoid_rampup(epoch: float, rampup_length: float) -> float:
     """``exp(-5 (1 - min(t, R)/R)^2)`` (Laine & Aila 2017; used by FFL, ONE): 0.0067 at 0, 1 from ``R`` on.
 

@@ -50,7 +50,7 @@ from ._offline import (
     set_trainable,
 )
 from .base import MethodContext, register_method
-from .losses import kl_div
+from .losses import feature_mse, kl_div
 
 ALIGN_MODES = ("pool", "conv")
 FUSION_MODES = ("concat", "weighted")
@@ -190,16 +190,8 @@ class MultiLayerFusion(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(fused, 1), 1))
 
 
-def feature_loss(student_map: torch.Tensor, fused: torch.Tensor) -> torch.Tensor:
-    """MFKD's feature term ``mean((conn(F_s) - fused)^2)`` over batch, channels and positions.
-
-    Args:
-        student_map: the connector's output ``(B, c, H, W)``, already at the fused map's size.
-        fused: the frozen fusion module's map ``(B, c, H, W)``; detached here.
-    Returns:
-        A float32 scalar.
-    """
-    return F.mse_loss(student_map.float(), fused.detach().float())
+#: FitNets' hint loss / MFKD's feature loss: MSE to the detached target (see ``losses.feature_mse``)
+feature_loss = feature_mse
 
 
 @register_method("mfkd", "multi-layer fusion KD: fused teacher stage maps (front/middle/deep) teach the student")

@@ -136,7 +136,7 @@ class HookBackbone(nn.Module):
 
     def split(self, at_stage: int) -> tuple[nn.Module, nn.Module]:
         """Not available: a hooked module has no trunk/tail structure to cut."""
-        raise NotImplementedError(
+        raise TypeError(  # permanent: no trunk/tail structure exists to cut
             "a HookBackbone (an adapted user module) cannot be split into trunk and tail; methods that "
             "grow branches on a shared trunk (FFL-S, ONE) need a zoo backbone from "
             "fusionkd.models.create_model or a fusionkd.models.Backbone subclass"
