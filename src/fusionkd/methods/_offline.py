@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Method, MethodContext
+from .base import Method, MethodContext, NetDeployment
 
 
-class OfflineMethod(Method):
+class OfflineMethod(NetDeployment, Method):
     """Base of the methods that learn from a frozen, pre-trained teacher.
 
     Submodules:
@@ -71,12 +71,6 @@ class OfflineMethod(Method):
     def eval_logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"net": self.net(images)}
 
-    @property
-    def deploy_head(self) -> str:
-        return "net"
-
-    def deploy_model(self) -> nn.Module:
-        return self.net
 
     def summary_extras(self) -> dict[str, Any]:
         t = self.ctx.teacher

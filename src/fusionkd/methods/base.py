@@ -32,6 +32,8 @@ from ..registry import Registry
 METHODS: Registry[type[Method]] = Registry("method")
 
 
+
+
 def register_method(name: str, description: str):
     """Class decorator that registers a :class:`Method` subclass under ``name``."""
 
@@ -185,3 +187,17 @@ class Method(nn.Module):
 def count_parameters(module: nn.Module) -> int:
     """Number of distinct parameters in ``module``."""
     return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+
+
+class NetDeployment:
+    """Deploy the method's own network ``self.net`` as the head ``"net"`` (baseline, the offline
+    students, the self methods). List this class before :class:`Method` among the bases."""
+
+    net: nn.Module
+
+    @property
+    def deploy_head(self) -> str:
+        return "net"
+
+    def deploy_model(self) -> nn.Module:
+        return self.net

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from .base import Method, MethodContext, register_method
+from .base import Method, MethodContext, NetDeployment, register_method
 
 
 @register_method("baseline", "one network, cross-entropy only (also trains teachers)")
-class Baseline(Method):
+class Baseline(NetDeployment, Method):
     family = "baseline"
 
     def __init__(self, ctx: MethodContext, options=None) -> None:
@@ -24,9 +23,3 @@ class Baseline(Method):
     def eval_logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"net": self.net(images)}
 
-    @property
-    def deploy_head(self) -> str:
-        return "net"
-
-    def deploy_model(self) -> nn.Module:
-        return self.net

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..models import Backbone, ClassifierHead, StageInfo
 from ..models.layers import init_weights
-from .base import Method, MethodContext, register_method
+from .base import Method, MethodContext, NetDeployment, register_method
 from .losses import kl_div
 
 
@@ -159,7 +159,7 @@ class BYOTOutputs:
 
 
 @register_method("byot", "Be Your Own Teacher: a classifier branch after each stage, the deepest head teaches")
-class BYOT(Method):
+class BYOT(NetDeployment, Method):
     """Be Your Own Teacher (Zhang et al., ICCV 2019); see the module docstring for the loss."""
 
     family = "self"
@@ -220,9 +220,3 @@ class BYOT(Method):
         heads["net"] = out.deep_logits
         return heads
 
-    @property
-    def deploy_head(self) -> str:
-        return "net"
-
-    def deploy_model(self) -> nn.Module:
-        return self.net

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Method, MethodContext, register_method
+from .base import Method, MethodContext, NetDeployment, register_method
 from .byot import build_branches, check_self_backbone, deepest_map, gap, head_logits
 from .losses import kl_div
 
@@ -128,7 +128,7 @@ class FMFSDOutputs:
 
 
 @register_method("fmfsd", "FMFSD: BYOT-style branches + spatial-attention feature-map fusion (our design reading)")
-class FMFSD(Method):
+class FMFSD(NetDeployment, Method):
     """Feature-map fusion self-distillation (Qin et al. 2025), our reading; see the module docstring."""
 
     family = "self"
@@ -195,9 +195,3 @@ class FMFSD(Method):
         heads["fused"] = out.fused_logits
         return heads
 
-    @property
-    def deploy_head(self) -> str:
-        return "net"
-
-    def deploy_model(self) -> nn.Module:
-        return self.net

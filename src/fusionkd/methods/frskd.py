@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import Backbone
-from .base import Method, MethodContext, register_method
+from .base import Method, MethodContext, NetDeployment, register_method
 from .losses import attention_transfer, kl_div
 
 UPSAMPLE_MODES = ("bilinear", "nearest")
@@ -222,7 +222,7 @@ class FRSKDOutputs:
 
 
 @register_method("frskd", "FRSKD: a BiFPN self-teacher refines the stage maps and teaches the classifier")
-class FRSKD(Method):
+class FRSKD(NetDeployment, Method):
     """Feature Refinement via Self-Knowledge Distillation (Ji et al., CVPR 2021)."""
 
     family = "self"
@@ -269,9 +269,3 @@ class FRSKD(Method):
         out = self.forward_all(images)
         return {"net": out.logits, "teacher": out.teacher_logits}
 
-    @property
-    def deploy_head(self) -> str:
-        return "net"
-
-    def deploy_model(self) -> nn.Module:
-        return self.net
