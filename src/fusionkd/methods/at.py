@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from ..models import StageInfo
 from ._offline import OfflineMethod, check_classifier_trained, check_temperature, check_weights
 from .base import MethodContext, register_method
-from .losses import attention_transfer, kl_div
+from .kd import kd_terms
+from .losses import attention_transfer
 
 
 @dataclass
@@ -103,14 +104,10 @@ class AT(OfflineMethod):
         opts = self.options
         t_maps, t_logits = self.teacher_forward(images)
         s_maps, s_logits = self.student_forward(images)
-        terms: dict[str, torch.Tensor] = {}
-        if opts.ce_weight > 0:
-            terms["loss_ce"] = opts.ce_weight * F.cross_entropy(s_logits.float(), labels)
+        terms = kd_terms(s_logits, t_logits, labels, opts)
         if opts.at_weight > 0:
             pair_losses = [attention_pair_loss(s_maps[i], t_maps[j]) for i, j in self.pairs]
             terms["loss_at"] = opts.at_weight / 2 * torch.stack(pair_losses).sum()
-        if opts.kd_weight > 0:
-            terms["loss_kd"] = opts.kd_weight * kl_div(s_logits, t_logits, opts.temperature)
         return terms
 
     def summary_extras(self) -> dict:

@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ._offline import (
     Connector,
@@ -32,7 +31,8 @@ from ._offline import (
     stage_index,
 )
 from .base import MethodContext, register_method
-from .losses import feature_mse, kl_div
+from .kd import kd_terms
+from .losses import feature_mse
 
 
 @dataclass
@@ -84,15 +84,11 @@ class FitNet(OfflineMethod):
         opts = self.options
         t_maps, t_logits = self.teacher_forward(images)
         s_maps, s_logits = self.student_forward(images)
-        terms: dict[str, torch.Tensor] = {}
-        if opts.ce_weight > 0:
-            terms["loss_ce"] = opts.ce_weight * F.cross_entropy(s_logits.float(), labels)
+        terms = kd_terms(s_logits, t_logits, labels, opts)
         if opts.hint_weight > 0:
             hint = t_maps[self.teacher_stage]
             guided = match_size(self.connector(s_maps[self.student_stage]), hint.shape[-2:])
             terms["loss_hint"] = opts.hint_weight * hint_loss(guided, hint)
-        if opts.kd_weight > 0:
-            terms["loss_kd"] = opts.kd_weight * kl_div(s_logits, t_logits, opts.temperature)
         return terms
 
     def summary_extras(self) -> dict:

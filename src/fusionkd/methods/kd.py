@@ -13,6 +13,7 @@ Heads: ``net`` (the student). Deploy: the student.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +43,7 @@ class KDOptions:
 
 
 def kd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-             options: KDOptions) -> dict[str, torch.Tensor]:
+             options: KDOptions | Any) -> dict[str, torch.Tensor]:
     """The weighted terms of Hinton KD (Hinton et al. 2015).
 
     ``loss_ce = gamma * CE(z_s, y)``, ``loss_kd = alpha * T^2 * KL(softmax(z_t/T) || softmax(z_s/T))``
@@ -51,6 +52,8 @@ def kd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
     Args:
         student_logits, teacher_logits: ``(B, K)``.
         labels: ``(B,)`` class ids.
+        options: anything with ``ce_weight``, ``kd_weight`` and ``temperature`` (the options of
+            ``kd``, ``fitnet`` and ``at``, whose classifier terms are these two).
     """
     terms: dict[str, torch.Tensor] = {}
     if options.ce_weight > 0:
