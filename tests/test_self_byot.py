@@ -3,12 +3,11 @@ values, and which parameters each loss term trains."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 from gradflow import batch, reached, under
+from handmath import ce_row, kl_t
 
 from fusionkd.methods import MethodContext
 from fusionkd.methods.byot import BYOT, BottleneckBranch, BYOTOptions, BYOTOutputs, stage_sizes
@@ -70,15 +69,10 @@ def test_loss_by_hand():
     f1, f2, fl = [1.0, 2.0], [0.0, -1.0], [0.5, 0.5]
     label = 2
 
-    def log_softmax(z, t=1.0):
-        s = math.log(sum(math.exp(v / t) for v in z))
-        return [v / t - s for v in z]
-
     def kl(t_logits, s_logits):
-        lt, ls = log_softmax(t_logits, temp), log_softmax(s_logits, temp)
-        return temp**2 * sum(math.exp(a) * (a - b) for a, b in zip(lt, ls))
+        return kl_t(t_logits, s_logits, temp)
 
-    ce = {k: -log_softmax(z)[label] for k, z in {"1": z1, "2": z2, "L": zl}.items()}
+    ce = {k: ce_row(z, label) for k, z in {"1": z1, "2": z2, "L": zl}.items()}
     sq = sum((a - b) ** 2 for a, b in zip(f1, fl)) + sum((a - b) ** 2 for a, b in zip(f2, fl))  # 2.5 + 2.5
     assert sq == pytest.approx(5.0)
     m = make(alpha=alpha, feature_weight=lam, temperature=temp)
