@@ -17,8 +17,8 @@ OUT=${2:-runs/results}
 FUSIONKD=${FUSIONKD:-.venv/bin/fusionkd}
 SEEDS=${SEEDS:-0,1,2}
 WORKERS=${WORKERS:-2}          # processes side by side
-THREADS=${THREADS:-1}          # torch threads per process
-SUBSET=${SUBSET:-5000}         # stratified training subset (after the validation split)
+THREADS=${THREADS-1}           # torch threads per process (THREADS= : compare's default)
+SUBSET=${SUBSET-5000}          # stratified training subset after the validation split (SUBSET= : all)
 EPOCHS=${EPOCHS:-10}
 TEACHER_EPOCHS=${TEACHER_EPOCHS:-30}
 EVAL_EVERY=${EVAL_EVERY:-2}
