@@ -21,3 +21,12 @@ def reached(method: torch.nn.Module, loss: torch.Tensor) -> set[str]:
 def under(names: set[str], prefix: str) -> set[str]:
     """The names in ``names`` that start with ``prefix``."""
     return {n for n in names if n.startswith(prefix)}
+
+
+def build_method(cls: type, model: str = "resnet20", size: int = 28, in_chans: int = 1, **options):
+    """``cls`` (a Method class with an ``Options`` dataclass) on a 10-class context, seeded for repeatability."""
+    from fusionkd.methods import MethodContext
+
+    torch.manual_seed(0)
+    ctx = MethodContext(model=model, num_classes=10, in_chans=in_chans, image_size=size, epochs=10)
+    return cls(ctx, cls.Options(**options))

@@ -6,18 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from gradflow import batch, reached, under
+from gradflow import batch, build_method, reached, under
 from handmath import ce_row, kl_t
 
-from fusionkd.methods import MethodContext
 from fusionkd.methods.byot import BYOT, BottleneckBranch, BYOTOptions, BYOTOutputs, stage_sizes
 from fusionkd.models import create_model
 
 
 def make(model: str = "resnet20", size: int = 28, in_chans: int = 1, **options) -> BYOT:
-    torch.manual_seed(0)
-    ctx = MethodContext(model=model, num_classes=10, in_chans=in_chans, image_size=size, epochs=10)
-    return BYOT(ctx, BYOTOptions(**options))
+    return build_method(BYOT, model, size, in_chans, **options)
 
 
 # ----------------------------------------------------------------------------- branches

@@ -7,17 +7,14 @@ import math
 
 import pytest
 import torch
-from gradflow import batch, reached, under
+from gradflow import batch, build_method, reached, under
 from handmath import ce_row, kl_t
 
-from fusionkd.methods import MethodContext
 from fusionkd.methods.fmfsd import FMFSD, FeatureMapFusion, FMFSDOptions, FMFSDOutputs, SpatialEnhancement
 
 
 def make(model: str = "resnet20", size: int = 28, in_chans: int = 1, **options) -> FMFSD:
-    torch.manual_seed(0)
-    ctx = MethodContext(model=model, num_classes=10, in_chans=in_chans, image_size=size, epochs=10)
-    return FMFSD(ctx, FMFSDOptions(**options))
+    return build_method(FMFSD, model, size, in_chans, **options)
 
 
 def sigmoid(v: float) -> float:

@@ -8,10 +8,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from gradflow import batch, reached, under
+from gradflow import batch, build_method, reached, under
 from handmath import ce_row, kl_t
 
-from fusionkd.methods import MethodContext
 from fusionkd.methods.frskd import (
     FRSKD,
     FRSKDOptions,
@@ -25,9 +24,7 @@ from fusionkd.models import create_model
 
 
 def make(model: str = "resnet20", size: int = 28, in_chans: int = 1, **options) -> FRSKD:
-    torch.manual_seed(0)
-    ctx = MethodContext(model=model, num_classes=10, in_chans=in_chans, image_size=size, epochs=10)
-    return FRSKD(ctx, FRSKDOptions(**options))
+    return build_method(FRSKD, model, size, in_chans, **options)
 
 
 # ----------------------------------------------------------------------------- self-teacher

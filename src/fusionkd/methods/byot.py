@@ -158,22 +158,44 @@ class BYOTOutputs:
     deep_features: torch.Tensor
 
 
-@register_method("byot", "Be Your Own Teacher: a classifier branch after each stage, the deepest head teaches")
-class BYOT(NetDeployment, Method):
-    """Be Your Own Teacher (Zhang et al., ICCV 2019); see the module docstring for the loss."""
+class BranchedSelfMethod(NetDeployment, Method):
+    """The layout shared by ``byot`` and ``fmfsd``: the backbone ``self.net`` (deployed alone) plus a
+    bottleneck branch with its own classifier after every non-final stage.
+
+    Subclasses define ``forward_all(images)``, whose result has ``branch_logits`` and ``deep_logits``, and
+    ``losses(out, labels)``; they may add heads in ``heads(out)``.
+    """
 
     family = "self"
-    Options = BYOTOptions
 
-    def __init__(self, ctx: MethodContext, options: BYOTOptions | None = None) -> None:
+    def __init__(self, ctx: MethodContext, options=None) -> None:
         super().__init__(ctx, options)
         self.net = ctx.create()
-        check_self_backbone(self.net, "byot")
+        check_self_backbone(self.net, self.name)
         self.branches, self.branch_fcs = build_branches(self.net, ctx.image_size, ctx.num_classes)
 
     @property
     def branch_names(self) -> list[str]:
         return [f"branch{i + 1}" for i in range(len(self.branches))]
+
+    def heads(self, out) -> dict[str, torch.Tensor]:
+        """Every head's logits from one ``forward_all`` result: ``branch1..``, then ``net``."""
+        heads = dict(zip(self.branch_names, out.branch_logits))
+        heads["net"] = out.deep_logits
+        return heads
+
+    def training_step(self, images: torch.Tensor, labels: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
+        return self.losses(self.forward_all(images), labels)
+
+    def eval_logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.heads(self.forward_all(images))
+
+
+@register_method("byot", "Be Your Own Teacher: a classifier branch after each stage, the deepest head teaches")
+class BYOT(BranchedSelfMethod):
+    """Be Your Own Teacher (Zhang et al., ICCV 2019); see the module docstring for the loss."""
+
+    Options = BYOTOptions
 
     def forward_all(self, images: torch.Tensor) -> BYOTOutputs:
         """Backbone stages once, then every branch and the deepest head on ``images`` ``(B, C, H, W)``."""
@@ -211,12 +233,4 @@ class BYOT(NetDeployment, Method):
             "loss_feat": o.feature_weight * feat,
         }
 
-    def training_step(self, images: torch.Tensor, labels: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
-        return self.losses(self.forward_all(images), labels)
-
-    def eval_logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self.forward_all(images)
-        heads = dict(zip(self.branch_names, out.branch_logits))
-        heads["net"] = out.deep_logits
-        return heads
 

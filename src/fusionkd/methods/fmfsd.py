@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Method, MethodContext, NetDeployment, register_method
-from .byot import build_branches, check_self_backbone, deepest_map, gap, head_logits
+from .base import MethodContext, register_method
+from .byot import BranchedSelfMethod, deepest_map, gap, head_logits
 from .losses import kl_div
 
 
@@ -128,25 +128,17 @@ class FMFSDOutputs:
 
 
 @register_method("fmfsd", "FMFSD: BYOT-style branches + spatial-attention feature-map fusion (our design reading)")
-class FMFSD(NetDeployment, Method):
+class FMFSD(BranchedSelfMethod):
     """Feature-map fusion self-distillation (Qin et al. 2025), our reading; see the module docstring."""
 
-    family = "self"
     Options = FMFSDOptions
 
     def __init__(self, ctx: MethodContext, options: FMFSDOptions | None = None) -> None:
         super().__init__(ctx, options)
         o = self.options
-        self.net = ctx.create()
-        check_self_backbone(self.net, "fmfsd")
-        self.branches, self.branch_fcs = build_branches(self.net, ctx.image_size, ctx.num_classes)
         num_maps = len(self.branches) + (1 if o.fuse_deepest else 0)
         self.fusion = FeatureMapFusion(num_maps, o.residual, o.kernel_size)
         self.fused_fc = nn.Linear(self.net.num_features, ctx.num_classes)
-
-    @property
-    def branch_names(self) -> list[str]:
-        return [f"branch{i + 1}" for i in range(len(self.branches))]
 
     def forward_all(self, images: torch.Tensor) -> FMFSDOutputs:
         """Backbone stages once, the branches, the fusion module and every head."""
@@ -185,13 +177,6 @@ class FMFSD(NetDeployment, Method):
             "loss_feat": o.feature_weight * sum((g.float() - target).pow(2).mean() for g in out.branch_maps),
         }
 
-    def training_step(self, images: torch.Tensor, labels: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
-        return self.losses(self.forward_all(images), labels)
-
-    def eval_logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self.forward_all(images)
-        heads = dict(zip(self.branch_names, out.branch_logits))
-        heads["net"] = out.deep_logits
-        heads["fused"] = out.fused_logits
-        return heads
+    def heads(self, out: FMFSDOutputs) -> dict[str, torch.Tensor]:
+        return {**super().heads(out), "fused": out.fused_logits}
 
