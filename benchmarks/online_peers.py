@@ -17,24 +17,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from fusionkd.engine.trainer import cpu_name
 from fusionkd.methods import METHODS, Method, MethodContext
 
 ONLINE = ("dml", "one", "ffl_s", "ffl", "mfef")
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def build(name: str, ctx: MethodContext, batched: bool | None, channels_last: bool) -> Method:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -34,17 +33,10 @@ from typing import Any
 
 import torch
 
+from fusionkd.engine.trainer import cpu_name
 from fusionkd.methods import METHODS, MethodContext, count_parameters
 
 DEFAULT_METHODS = ["baseline", "byot", "frskd", "fmfsd"]
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def max_rss_mib() -> float:
@@ -147,6 +139,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
+    if args.steps < 2:
+        p.error(f"--steps must be at least 2 (the spread needs two timed rounds), got {args.steps}")
 
     if args.child:
         print(json.dumps(child(args.child, args)))

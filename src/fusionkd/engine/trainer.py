@@ -102,15 +102,18 @@ def autocast_context(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def hardware_info(device: torch.device) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The CPU's model name from ``/proc/cpuinfo``, else what :mod:`platform` knows."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    info = {"cpu": cpu, "threads": torch.get_num_threads(), "device": str(device), "torch": str(torch.__version__),
-            "python": platform.python_version(), "fusionkd": __version__}
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def hardware_info(device: torch.device) -> dict[str, Any]:
+    info = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "device": str(device),
+            "torch": str(torch.__version__), "python": platform.python_version(), "fusionkd": __version__}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
