@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -110,6 +111,104 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+@dataclass(frozen=True)
+class Range:
+    """The accepted interval of a numeric option: ``lo``/``hi`` (None = unbounded), each end open or closed.
+
+    Every int and float option of :class:`Config` and :class:`AugmentConfig` has one in :data:`RANGES`
+    (a test enforces it), and :func:`validate` checks them all before anything is created or loaded.
+    """
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    why: str = ""  #: a short reason shown with the refusal
+
+    def contains(self, value: float) -> bool:
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        return not (self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi))
+
+    def describe(self) -> str:
+        lo = "-inf" if self.lo is None else f"{self.lo:g}"
+        hi = "inf" if self.hi is None else f"{self.hi:g}"
+        left = "(" if self.lo is None or self.lo_open else "["
+        right = ")" if self.hi is None or self.hi_open else "]"
+        return f"{left}{lo}, {hi}{right}"
+
+
+#: the accepted range of every numeric option (dotted names for sections); None values are always accepted
+#: where the type allows None. Bounds that depend on other options (warm-up vs epochs, cutout vs image size)
+#: are checked in :func:`validate` as well.
+RANGES: dict[str, Range] = {
+    "val_fraction": Range(0.0, 1.0, hi_open=True, why="0 means no validation split"),
+    "subset": Range(1, None, why="a number of training images"),
+    "data_seed": Range(0, 2**63 - 1),
+    "image_size": Range(4, 4096, why="pixels of the square input"),
+    "augment.crop_padding": Range(0, None, why="pixels; 0 disables the random crop"),
+    "augment.cutout": Range(0, None, why="side of the square in pixels; 0 disables cutout"),
+    "epochs": Range(1, 1_000_000),
+    "batch_size": Range(1, None),
+    "lr": Range(0.0, None, lo_open=True, why="a positive learning rate"),
+    "momentum": Range(0.0, 1.0, hi_open=True),
+    "weight_decay": Range(0.0, 1.0, hi_open=True),
+    "gamma": Range(0.0, 1.0, lo_open=True, why="the factor multiplying lr at each milestone"),
+    "warmup_epochs": Range(0.0, None, why="0 disables the warm-up; at most epochs"),
+    "grad_clip": Range(0.0, None, lo_open=True, why="a positive maximum gradient norm; leave unset for none"),
+    "threads": Range(1, 4096),
+    "seed": Range(0, 2**63 - 1),
+    "eval_every": Range(1, None),
+    "eval_batch_size": Range(1, None),
+    "log_every": Range(1, None),
+}
+
+
+def numeric_fields() -> dict[str, type]:
+    """Every int/float option of the schema, by dotted name, with its scalar type."""
+    out: dict[str, type] = {}
+    for prefix, cls in (("", Config), ("augment.", AugmentConfig)):
+        for name, tp in typing.get_type_hints(cls).items():
+            scalar = [a for a in (typing.get_args(tp) or (tp,)) if a is not type(None)]
+            if len(scalar) == 1 and scalar[0] in (int, float):
+                out[prefix + name] = scalar[0]
+    return out
+
+
+def _check_ranges(cfg: Config) -> None:
+    for key in numeric_fields():
+        section, _, attr = key.rpartition(".")
+        value = getattr(getattr(cfg, section) if section else cfg, attr)
+        if value is None:
+            continue
+        r = RANGES[key]
+        if not r.contains(value):
+            why = f" ({r.why})" if r.why else ""
+            raise ConfigError(f"{key}={value!r} is out of range: accepted {r.describe()}{why}")
+
+
+def native_image_size(cfg: Config) -> int | None:
+    """The side of the images the run will see, when the config alone tells (else None)."""
+    if cfg.image_size is not None:
+        return cfg.image_size
+    from ..data import DATASETS
+
+    return DATASETS.entry(cfg.dataset).extras.get("image_size")
+
+
+def check_run_name(cfg: Config) -> None:
+    """``name`` must be a relative path that stays inside ``out_dir`` (no ``..``, not absolute, not empty)."""
+    if cfg.name is None:
+        return
+    p = Path(cfg.name)
+    if not cfg.name.strip() or p.is_absolute() or cfg.name.startswith("~") or ".." in p.parts \
+            or p.parts in ((), (".",)):
+        raise ConfigError(
+            f"name={cfg.name!r} must be a relative folder name inside out_dir={cfg.out_dir!r} (e.g. "
+            "'fmnist/ffl-run1'): no absolute path, no '..', not empty; use out_dir= to write elsewhere"
+        )
+
+
 # ---------------------------------------------------------------------- type checking
 def _type_name(tp: Any) -> str:
     if isinstance(tp, type):
@@ -155,6 +254,8 @@ def _check(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{where}: expected a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is str:
@@ -311,17 +412,16 @@ def validate(cfg: Config) -> None:
         DATASETS.entry(cfg.dataset)
     except UnknownNameError as e:
         raise ConfigError(str(e)) from None
-    positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "eval_every": cfg.eval_every,
-                "eval_batch_size": cfg.eval_batch_size, "log_every": cfg.log_every}
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key} must be at least 1, got {value}")
-    if cfg.lr <= 0:
-        raise ConfigError(f"lr must be positive, got {cfg.lr}")
-    if not 0.0 <= cfg.val_fraction < 1.0:
-        raise ConfigError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
-    if cfg.weight_decay < 0 or cfg.momentum < 0 or cfg.warmup_epochs < 0:
-        raise ConfigError("weight_decay, momentum and warmup_epochs must not be negative")
+    _check_ranges(cfg)
+    if cfg.warmup_epochs > cfg.epochs:
+        raise ConfigError(f"warmup_epochs={cfg.warmup_epochs:g} is longer than the run (epochs={cfg.epochs})")
+    size = native_image_size(cfg)
+    if size is not None:
+        for key, value in (("augment.cutout", cfg.augment.cutout), ("augment.crop_padding", cfg.augment.crop_padding)):
+            if value > size:
+                raise ConfigError(f"{key}={value} is larger than the {size}x{size} images of this run; accepted "
+                                  f"0..{size}")
+    check_run_name(cfg)
     if cfg.nesterov and cfg.optimizer != "sgd":
         raise ConfigError("nesterov=true needs optimizer=sgd")
     if cfg.nesterov and cfg.momentum <= 0:
@@ -334,15 +434,12 @@ def validate(cfg: Config) -> None:
                 f"milestones must be increasing epochs between 1 and epochs-1={cfg.epochs - 1}, "
                 f"got {cfg.milestones}"
             )
-    if cfg.threads is not None and cfg.threads < 1:
-        raise ConfigError(f"threads must be at least 1, got {cfg.threads}")
     dev = cfg.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"device={dev!r} is not accepted; use auto, cpu, cuda or cuda:N")
-    if cfg.precision == "fp16" and resolve_device(dev).type != "cuda":
+    resolved = resolve_device(dev)  # device=cuda without CUDA is refused here, before any work
+    if cfg.precision == "fp16" and resolved.type != "cuda":
         raise ConfigError("precision=fp16 needs a CUDA device; on CPU use precision=bf16 or fp32")
-    if cfg.subset is not None and cfg.subset < 1:
-        raise ConfigError(f"subset must be a positive number of images, got {cfg.subset}")
     # method-specific checks
     if method_cls.needs_teacher and not cfg.teacher:
         raise ConfigError(

@@ -17,12 +17,12 @@ Run folder layout (``out_dir/name``)::
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
 import platform
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,23 +33,30 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..data import DatasetInfo, DataSplits, DeviceLoader, load_dataset
+from ..data import DataFormatError, DatasetInfo, DatasetNotFoundError, DataSplits, DeviceLoader, load_dataset
 from ..methods import METHODS, Method, MethodContext, Teacher, count_parameters
 from . import distributed as D
 from .checkpoint import (
     FORMAT,
     VERSION,
     CheckpointError,
+    StorageError,
+    atomic_copy,
     atomic_save,
     atomic_write_text,
+    best_is_last,
     build_deploy_model,
     load_checkpoint,
+    load_weights_strict,
+    remove_stale_temps,
     rng_state,
     set_rng_state,
+    storage_error,
 )
 from .config import Config, ConfigError, build_options
 from .optim import build_optimizer, build_scheduler
 from .progress import Progress
+from .rundir import RunLock, RunLockedError, clear_folder, folder_entries, has_finished_epoch
 
 log = logging.getLogger("fusionkd")
 
@@ -290,39 +297,101 @@ def evaluate(method: Method, loader: DeviceLoader, amp, dist_info: D.DistInfo | 
 
 
 # ---------------------------------------------------------------------- the run
+def _read_config_yaml(run_dir: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise CheckpointError(f"{run_dir / 'config.yaml'} cannot be read ({e}); restore it or start the run again "
+                              "with --overwrite") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{run_dir / 'config.yaml'} does not hold a mapping of options")
+    return data
+
+
+def _read_epoch(path: Path) -> int | None:
+    """The ``epoch`` of a checkpoint file, read without building anything (memory-mapped)."""
+    from .checkpoint import _read
+
+    return _read(path, "cpu").get("epoch")
+
+
+def config_hash(cfg: Config | dict[str, Any]) -> str:
+    """sha256 of the settings that define a run (everything but :data:`RESUME_MUTABLE`): the identity a
+    checkpoint carries, so that resume can tell a folder's own ``last.pt`` from another run's."""
+    d = cfg.to_dict() if isinstance(cfg, Config) else dict(cfg)
+    key = {k: v for k, v in d.items() if k not in RESUME_MUTABLE}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """``key: a vs b`` for every defining setting that differs between two config dicts."""
+    keys = sorted((set(a) | set(b)) - RESUME_MUTABLE)
+    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+
+
+#: errors that mean "this input cannot run": a folder made by this invocation is removed again
+REFUSALS = (ConfigError, CheckpointError, DatasetNotFoundError, DataFormatError, ValueError, ImportError)
+
+
 class Trainer:
-    """Trains one configured run; ``Trainer(cfg).fit()`` or ``Trainer.resume(run_dir).fit()``."""
+    """Trains one configured run; ``Trainer(cfg).fit()`` or ``Trainer.resume(run_dir).fit()``.
+
+    The run folder is locked (:class:`~fusionkd.engine.rundir.RunLock`) for the whole of :meth:`fit`; see
+    docs/engine.md for what a stop at any moment can lose (at most the epoch in progress).
+    """
 
     def __init__(self, cfg: Config, run_dir: Path | None = None, *, overwrite: bool = False,
-                 _resume_ckpt: dict[str, Any] | None = None) -> None:
+                 _resume_ckpt: dict[str, Any] | None = None, _resuming: bool = False) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir
         self.resume_ckpt = _resume_ckpt
+        self.resuming = _resuming or _resume_ckpt is not None
         self.overwrite = overwrite
         #: train at most this many epochs in this invocation, then stop (resumable, no summary yet)
         self.stop_after: int | None = None
         #: the trained method after ``fit()`` (for tests and programmatic use)
         self.method: Method | None = None
+        #: the summary of a run that ``resume`` found finished already (``fit`` then trains nothing)
+        self.finished_summary: dict[str, Any] | None = None
         self.dist = D.env_info()
         self._file_handler: logging.Handler | None = None
+        self._lock: RunLock | None = None
+        self._made_folder = False  # this invocation created (or restarted) the folder
         self._last_val: float | None = None  # deploy head's latest validation accuracy, for the progress bar
-        if _resume_ckpt is None and not self.dist.enabled:
-            self._prepare_fresh_dir(overwrite)  # fail before any work; under torchrun rank 0 does it in fit()
+        if not self.resuming and not self.dist.enabled:
+            self._check_fresh_dir()  # fail before any work; under torchrun rank 0 does it in fit()
 
     # -------------------------------------------------------------- construction
     @classmethod
     def resume(cls, run_dir: str | Path, overrides: dict[str, Any] | None = None) -> Trainer:
         """Continue the run in ``run_dir`` from its ``last.pt``, exactly where it stopped.
 
-        Only options in ``RESUME_MUTABLE`` may change (e.g. ``epochs`` to extend a finished run).
+        Only options in ``RESUME_MUTABLE`` may change (e.g. ``epochs`` to extend a finished run). A folder
+        whose run never finished an epoch (no ``last.pt``) starts again from epoch 1 with its stored
+        ``config.yaml``: nothing is lost by doing so.
         """
         from .config import build_dataclass, deep_merge, nest, validate
 
         run_dir = Path(run_dir)
-        if not (run_dir / "last.pt").is_file():
-            raise CheckpointError(f"cannot resume {str(run_dir)!r}: it has no last.pt (nothing finished yet?)")
-        ckpt = load_checkpoint(run_dir / "last.pt")
-        base = dict(ckpt["config"])
+        if not run_dir.is_dir():
+            raise CheckpointError(f"cannot resume {str(run_dir)!r}: no such run folder")
+        ckpt = None
+        if (run_dir / "last.pt").is_file():
+            ckpt = load_checkpoint(run_dir / "last.pt")
+            base = dict(ckpt.get("config") or {})
+            if not base:
+                raise CheckpointError(f"{run_dir / 'last.pt'}: holds no config; it is not a training checkpoint")
+        elif (run_dir / "config.yaml").is_file():
+            if any((run_dir / n).is_file() for n in ("best.pt", "summary.json")):
+                raise CheckpointError(
+                    f"cannot resume {str(run_dir)!r}: it has best.pt/summary.json but no last.pt, so the "
+                    "training state to continue from is gone; start it again with --overwrite")
+            base = _read_config_yaml(run_dir)
+        else:
+            raise CheckpointError(f"cannot resume {str(run_dir)!r}: it has neither last.pt nor config.yaml "
+                                  "(is it a fusionkd run folder?)")
         changes = nest(overrides or {})
         bad = sorted(k for k in changes if k not in RESUME_MUTABLE and changes[k] != base.get(k))
         if bad:
@@ -332,55 +401,163 @@ class Trainer:
             )
         cfg = build_dataclass(Config, deep_merge(base, changes))
         validate(cfg)
-        if cfg.epochs < ckpt["epoch"]:
-            raise ConfigError(f"epochs={cfg.epochs} is less than the {ckpt['epoch']} epochs already trained")
-        return cls(cfg, run_dir, _resume_ckpt=ckpt)
+        done = int(ckpt["epoch"]) if ckpt is not None else 0
+        if cfg.epochs < done:
+            raise ConfigError(f"epochs={cfg.epochs} is less than the {done} epochs already trained")
+        trainer = cls(cfg, run_dir, _resume_ckpt=ckpt, _resuming=True)
+        if ckpt is not None and done == cfg.epochs and (run_dir / "summary.json").is_file():
+            with contextlib.suppress(OSError, ValueError):
+                trainer.finished_summary = json.loads((run_dir / "summary.json").read_text())
+        return trainer
 
-    def _prepare_fresh_dir(self, overwrite: bool) -> None:
+    def _check_fresh_dir(self) -> None:
+        """Refuse early (before any data is loaded) to train into a folder that holds finished epochs."""
         d = self.run_dir
-        if d.exists() and {p.name for p in d.iterdir()} == {"train.log"}:
-            # a run that failed before its first step (e.g. a teacher that does not match the data): start over
-            shutil.rmtree(d)
-        if d.exists() and any(d.iterdir()):
-            if not overwrite:
-                what = "a finished run" if (d / "summary.json").exists() else "an unfinished run"
-                raise ConfigError(
-                    f"run folder {str(d)!r} already holds {what}. Resume it with `fusionkd train --resume {d}`, "
-                    "choose another name=/out_dir=, or pass --overwrite to replace it"
-                )
-            shutil.rmtree(d)
-        d.mkdir(parents=True, exist_ok=True)
+        if has_finished_epoch(d) and not self.overwrite:
+            what = "a finished run" if (d / "summary.json").exists() else "an unfinished run"
+            raise ConfigError(
+                f"run folder {str(d)!r} already holds {what}. Resume it with `fusionkd train --resume {d}`, "
+                "choose another name=/out_dir=, or pass --overwrite to replace it"
+            )
+
+    def _open_fresh(self) -> None:
+        """Holding the lock: make the folder ready for epoch 1 (never deleting a finished epoch unless
+        ``overwrite``)."""
+        self._check_fresh_dir()
+        d = self.run_dir
+        entries = folder_entries(d)
+        if entries:
+            if not has_finished_epoch(d):
+                log.info("%s holds a run that never finished an epoch (%s); starting it again from epoch 1",
+                         d, ", ".join(sorted(entries)))
+            clear_folder(d)
+        self._made_folder = True
+
+    def _open_resume(self) -> None:
+        """Holding the lock: clean what a stop left behind and check that the folder's files agree."""
+        d = self.run_dir
+        removed = remove_stale_temps(d)
+        stored = _read_config_yaml(d) if (d / "config.yaml").is_file() else None
+        if self.resume_ckpt is None:  # no finished epoch: start again from epoch 1 with the stored config
+            if (d / "last.pt").is_file():
+                raise ConfigError(f"{d}: a last.pt appeared while this command started (another process is "
+                                  "using the folder?); run the command again")
+            for name in ("metrics.jsonl", "error.log"):
+                (d / name).unlink(missing_ok=True)
+            log.info("%s never finished an epoch: training it from epoch 1 with its stored config.yaml", d)
+        else:
+            ckpt = load_checkpoint(d / "last.pt")  # again, under the lock
+            if ckpt.get("epoch") != self.resume_ckpt.get("epoch"):
+                raise ConfigError(f"{d}/last.pt changed while this command started (another process was "
+                                  "writing it); run the command again")
+            self.resume_ckpt = ckpt
+            self._check_identity(ckpt, stored)
+            self._repair_best(ckpt)
+            self._truncate_metrics(int(ckpt["epoch"]))
+        if removed:
+            log.info("removed %d unfinished temporary file(s) left by an interrupted write: %s", len(removed),
+                     ", ".join(removed))
+
+    def _check_identity(self, ckpt: dict[str, Any], stored: dict[str, Any] | None) -> None:
+        """``last.pt`` must belong to this folder: same method, model, dataset, seed and config hash as
+        its ``config.yaml``."""
+        mine = dict(ckpt.get("config") or {})
+        recorded = (ckpt.get("run") or {}).get("config_hash")
+        if recorded is not None and recorded != config_hash(mine):
+            raise CheckpointError(f"{self.run_dir / 'last.pt'}: its config does not match its own config hash; "
+                                  "the file was altered outside fusionkd")
+        if stored is None:
+            log.warning("%s has no config.yaml; trusting last.pt's config", self.run_dir)
+            return
+        diffs = config_differences(stored, mine)
+        if diffs:
+            named = [x for x in diffs if x.split(":", 1)[0] in ("method", "model", "dataset", "seed")]
+            raise CheckpointError(
+                f"{self.run_dir / 'last.pt'} does not belong to this run folder: its config differs from the "
+                f"folder's config.yaml ({'; '.join((named or diffs)[:6])}). Was another run's last.pt copied in? "
+                "Put the right last.pt back, or start the run again with --overwrite"
+            )
+
+    def _repair_best(self, last: dict[str, Any]) -> None:
+        """Make ``best.pt`` hold the epoch that ``last.pt`` records as best. ``last.pt`` is written before
+        ``best.pt``, so the only disagreement a stop can leave is a ``best.pt`` one epoch behind a ``last.pt``
+        whose own epoch is the best; then ``best.pt`` is rebuilt from ``last.pt``."""
+        best = last.get("best")
+        path = self.run_dir / "best.pt"
+        if best is None:
+            return
+        try:
+            held = _read_epoch(path) if path.is_file() else None
+        except CheckpointError:
+            held = None  # unreadable: rebuilt below when possible
+        if held == best["epoch"]:
+            return
+        if best_is_last(last):
+            atomic_copy(self.run_dir / "last.pt", path)
+            log.info("best.pt held epoch %s but last.pt records epoch %s as best (a stop between the two writes): "
+                     "rebuilt best.pt from last.pt", held, best["epoch"])
+            return
+        raise CheckpointError(
+            f"{path} holds epoch {held} but last.pt records epoch {best['epoch']} as the best one; best.pt was "
+            "changed outside fusionkd and epoch {best['epoch']}'s weights are gone. Restore best.pt, or start the "
+            "run again with --overwrite"
+        )
 
     # -------------------------------------------------------------- main loop
     def fit(self) -> RunResult:
+        if self.finished_summary is not None:
+            log.info("%s already finished all %d epochs; nothing to train (extend it with epochs=N)",
+                     self.run_dir, self.cfg.epochs)
+            return RunResult(self.run_dir, self.finished_summary, self.cfg)
         self.dist, self.device = D.setup(self.cfg.device)
         started_group = self.dist.enabled
         try:
-            if self.dist.enabled and self.resume_ckpt is None:
-                err = None
-                if self.dist.is_main:
-                    try:
-                        self._prepare_fresh_dir(self.overwrite)
-                    except ConfigError as e:
-                        err = str(e)
+            err: tuple[str, str] | None = None
+            if self.dist.is_main:
+                try:
+                    self._lock = RunLock(self.run_dir)
+                    self._open_resume() if self.resuming else self._open_fresh()
+                except (ConfigError, CheckpointError, StorageError) as e:
+                    if self._lock is not None:
+                        self._lock.release()
+                        self._lock = None
+                    if not self.dist.enabled:
+                        raise
+                    err = (type(e).__name__, str(e))
+            if self.dist.enabled:
                 err = D.broadcast_object(err, self.dist)
                 if err:
-                    raise ConfigError(err)
+                    kinds = {c.__name__: c for c in (RunLockedError, CheckpointError, ConfigError)}
+                    raise kinds.get(err[0], ConfigError)(err[1])
             handler = None
-            if self.dist.is_main:
-                handler = logging.FileHandler(self.run_dir / "train.log")
-                handler.setLevel(logging.INFO)
-                handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-                log.addHandler(handler)
-                self._file_handler = handler
-                if log.getEffectiveLevel() > logging.INFO:  # API use without logging set up: still fill train.log
-                    log.setLevel(logging.INFO)
             try:
+                if self.dist.is_main:
+                    try:
+                        handler = logging.FileHandler(self.run_dir / "train.log")
+                    except OSError as e:
+                        raise storage_error(self.run_dir / "train.log", e, "open") from e
+                    handler.setLevel(logging.INFO)
+                    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+                    log.addHandler(handler)
+                    self._file_handler = handler
+                    if log.getEffectiveLevel() > logging.INFO:  # API use without logging set up: still fill train.log
+                        log.setLevel(logging.INFO)
                 return self._fit()
+            except REFUSALS:
+                if handler is not None:
+                    log.removeHandler(handler)
+                    handler.close()
+                    handler = None
+                if self._lock is not None and self._made_folder and not has_finished_epoch(self.run_dir):
+                    self._lock.remove_folder()  # a refused input leaves no empty run folder behind
+                raise
             finally:
                 if handler is not None:
                     log.removeHandler(handler)
                     handler.close()
+                if self._lock is not None:
+                    self._lock.release()
+                    self._lock = None
         finally:
             if started_group:
                 D.cleanup(self.dist)
@@ -397,6 +574,10 @@ class Trainer:
             subset=cfg.subset, seed=cfg.data_seed, image_size=cfg.image_size, **cfg.dataset_options,
         )
         info = splits.info
+        for key, value in (("augment.cutout", cfg.augment.cutout), ("augment.crop_padding", cfg.augment.crop_padding)):
+            if value > info.image_size:
+                raise ConfigError(f"{key}={value} is larger than the {info.image_size}x{info.image_size} images of "
+                                  f"{cfg.dataset}; accepted 0..{info.image_size}")
         ckpt = self.resume_ckpt
         teacher_meta = (ckpt or {}).get("teacher")
         method = build_method(cfg, info, device, teacher_meta=teacher_meta)
@@ -431,9 +612,13 @@ class Trainer:
         start_epoch = 0
         best: dict[str, Any] | None = None
         if ckpt is not None:
-            method.load_state_dict(ckpt["method_state"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
+            load_weights_strict(method, ckpt["method_state"], f"this run's {cfg.method} on {cfg.model}")
+            try:
+                optimizer.load_state_dict(ckpt["optimizer"])
+                scheduler.load_state_dict(ckpt["scheduler"])
+            except (ValueError, KeyError, TypeError, RuntimeError) as e:
+                raise CheckpointError(f"{self.run_dir / 'last.pt'}: its optimizer/schedule state does not fit this "
+                                      f"run ({type(e).__name__}: {e})") from e
             if scaler is not None and ckpt.get("scaler"):
                 scaler.load_state_dict(ckpt["scaler"])
             set_rng_state(ckpt["rng"])
@@ -442,7 +627,7 @@ class Trainer:
             if main:
                 self._truncate_metrics(start_epoch)
             log.info("resumed %s at epoch %d of %d", self.run_dir, start_epoch, cfg.epochs)
-        elif main:
+        if main:  # on resume too: records an extended `epochs` (the identity check ignores such keys)
             atomic_write_text(cfg.to_yaml(), self.run_dir / "config.yaml")
         if cfg.compile:
             n = compile_networks(method)
@@ -466,7 +651,8 @@ class Trainer:
         writer = self._tensorboard() if cfg.tensorboard and main else None
         progress = Progress(cfg.progress if main else "none", cfg.epochs, len(train_loader), start_epoch)
         self._model, self._signature = method, None
-        common = {"config": cfg.to_dict(), "data": {**info.to_dict(), "sizes": data_sizes},
+        common = {"config": cfg.to_dict(), "config_hash": config_hash(cfg),
+                  "data": {**info.to_dict(), "sizes": data_sizes},
                   "deploy_name": deploy_name, "teacher": self._teacher_meta(method)}
         last_metrics: dict[str, Any] = (ckpt or {}).get("metrics") or {}
         end_epoch = cfg.epochs if self.stop_after is None else min(cfg.epochs, start_epoch + self.stop_after)
@@ -588,7 +774,8 @@ class Trainer:
     def _check_finite(self, bad_step: torch.Tensor, epoch: int) -> None:
         step = int(D.all_reduce_max(bad_step.clone(), self.dist).item())
         if step >= 0:
-            kept = "last.pt keeps the last good epoch" if (self.run_dir / "last.pt").exists() else "no epoch finished"
+            kept = ("last.pt keeps the last good epoch" if (self.run_dir / "last.pt").exists()
+                    else "no epoch finished; the same command starts the run again")
             raise NonFiniteLossError(
                 f"the training loss became NaN/inf at epoch {epoch + 1}, step {step + 1}; stopping ({kept}). "
                 "Try a lower lr, precision=fp32, grad_clip=..., or check the method's loss weights"
@@ -611,14 +798,25 @@ class Trainer:
         return best
 
     def _append_metrics(self, metrics: dict[str, Any]) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        path = self.run_dir / "metrics.jsonl"
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+                f.flush()
+        except OSError as e:
+            raise storage_error(path, e) from e
 
     def _truncate_metrics(self, epochs_done: int) -> None:
         path = self.run_dir / "metrics.jsonl"
         if not path.exists():
             return
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= epochs_done]
+        keep = []
+        for ln in path.read_text().splitlines():
+            try:
+                if ln.strip() and int(json.loads(ln)["epoch"]) <= epochs_done:
+                    keep.append(ln)
+            except (ValueError, KeyError, TypeError):  # a line torn by a stop in the middle of its write
+                continue
         atomic_write_text("".join(ln + "\n" for ln in keep), path)
 
     def _teacher_meta(self, method: Method) -> dict[str, Any] | None:
@@ -643,6 +841,7 @@ class Trainer:
             "metrics": metrics,
             "best": best,
             "teacher": common["teacher"],
+            "run": {"config_hash": common["config_hash"]},
             "deploy": {
                 # read at every checkpoint: an online method may switch to a peer of another architecture
                 "model": getattr(method, "deploy_model_name", common["deploy_name"]),
