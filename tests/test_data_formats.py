@@ -166,9 +166,13 @@ def test_fashion_mnist_missing_lists_places_and_fix(tmp_path):
     with pytest.raises(DatasetNotFoundError) as e:
         load_dataset("fashion-mnist", tmp_path / "partial")
     msg = str(e.value)
-    assert str(tmp_path / "partial") in msg and os.environ["FUSIONKD_DATA"] in msg
-    assert "no-system-dir" in msg and "apt-get install dataset-fashion-mnist" in msg
+    # a data_dir the user gave is the only place searched: never replaced by another copy
+    assert str(tmp_path / "partial") in msg and os.environ["FUSIONKD_DATA"] not in msg
+    assert "no-system-dir" not in msg and "apt-get install dataset-fashion-mnist" in msg
     assert "lacks" in msg and "t10k-labels-idx1-ubyte.gz" in msg
+    with pytest.raises(DatasetNotFoundError) as e:
+        load_dataset("fashion-mnist")  # without data_dir: FUSIONKD_DATA and the system folder
+    assert os.environ["FUSIONKD_DATA"] in str(e.value) and "no-system-dir" in str(e.value)
 
 
 # ------------------------------------------------------------------------------------ pickles

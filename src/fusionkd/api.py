@@ -86,7 +86,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, dataset: str | None = None, d
     from ``fusionkd export`` evaluates the deployed network.
     """
     from .data import DatasetInfo, DeviceLoader, load_dataset
-    from .engine.checkpoint import build_deploy_model, load_checkpoint
+    from .engine.checkpoint import build_deploy_model, load_checkpoint, load_weights_strict
     from .engine.config import Config, ConfigError, build_dataclass, resolve_device
     from .engine.trainer import build_method, check_teacher_matches
 
@@ -119,7 +119,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, dataset: str | None = None, d
     else:
         cfg: Config = build_dataclass(Config, cfg_d)
         method = build_method(cfg, info, dev, teacher_meta=ckpt.get("teacher"))
-        method.load_state_dict(ckpt["method_state"])
+        load_weights_strict(method, ckpt["method_state"], f"a {cfg.method} on {cfg.model} (as its config says)")
         method.eval()
         head = method.deploy_head
         heads_of = method.eval_logits

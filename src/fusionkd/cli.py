@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     from .data import DataFormatError, DatasetNotFoundError, DownloadError
-    from .engine.checkpoint import CheckpointError
+    from .engine.checkpoint import CheckpointError, StorageError
     from .engine.trainer import NonFiniteLossError
     from .registry import UnknownNameError
 
@@ -248,8 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_list(args)
         return args.func(args)
     except (ConfigError, CheckpointError, UnknownNameError, NonFiniteLossError, DataFormatError, DatasetNotFoundError,
-            DownloadError, ValueError,
-            FileNotFoundError) as e:
+            DownloadError, StorageError, ValueError, FileNotFoundError, PermissionError) as e:
         print(f"fusionkd {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -8,7 +8,8 @@ Every dataset is loaded whole into memory as ``uint8 (N, C, H, W)`` images and `
   then used as is;
 * ``subset=N`` keeps a stratified, seeded N-image subset of what remains for training.
 
-Files are looked up in ``data_dir`` (or ``data_dir/<name>``), then ``$FUSIONKD_DATA/<name>`` (default
+Files are looked up in ``data_dir`` (or ``data_dir/<name>``) only, when it is given: a folder the user names
+is used or refused, never replaced by another copy. Without ``data_dir``: ``$FUSIONKD_DATA/<name>`` (default
 ``./data/<name>`` when ``FUSIONKD_DATA`` is unset), then dataset-specific system folders. See
 ``docs/data.md`` for every dataset's format and layout.
 """
@@ -239,10 +240,12 @@ def data_root() -> Path:
 
 
 def _candidates(req: LoadRequest, *system: Path) -> list[Path]:
-    out: list[Path] = []
+    """Where to look for the files: a ``data_dir`` the user gave is the only place searched (it is used or
+    refused, never silently replaced by another copy); otherwise ``$FUSIONKD_DATA/<name>`` and the system
+    folders."""
     if req.data_dir is not None:
-        out += [req.data_dir, req.data_dir / req.name]
-    out.append(data_root() / req.name)
+        return [req.data_dir] if req.data_dir.name == req.name else [req.data_dir, req.data_dir / req.name]
+    out: list[Path] = [data_root() / req.name]
     out += list(system)
     seen: set[Path] = set()
     return [p for p in out if not (p in seen or seen.add(p))]
@@ -447,12 +450,15 @@ def _load_fashion_mnist(req: LoadRequest) -> SourceSplits:
             partial.append(f"{folder} lacks {', '.join(missing)}")
     else:
         detail = ("\nIncomplete folders: " + "; ".join(partial)) if partial else ""
+        files = ", ".join(s + ".gz" for s in FASHION_MNIST_FILES.values())
+        fix = (f"data_dir={str(req.data_dir)!r} was given, so only it is searched: put the four files {files} "
+               "there, or leave data_dir out to use an installed copy (`apt-get install dataset-fashion-mnist`)."
+               if req.data_dir is not None else
+               "Install it with `apt-get install dataset-fashion-mnist` (puts it in the system folder above), or "
+               f"put the four files {files} in one of the folders above (e.g. pass data_dir= or set "
+               "FUSIONKD_DATA).")
         raise DatasetNotFoundError(
-            "Fashion-MNIST not found. Searched:\n" + _searched(searched) + detail + "\n"
-            "Install it with `apt-get install dataset-fashion-mnist` (puts it in "
-            f"{FASHION_MNIST_SYSTEM_DIR}), or put the four files "
-            f"{', '.join(s + '.gz' for s in FASHION_MNIST_FILES.values())} in one of the folders above "
-            "(e.g. pass data_dir= or set FUSIONKD_DATA)."
+            "Fashion-MNIST not found. Searched:\n" + _searched(searched) + detail + "\n" + fix
             + (" Automatic download is not supported for fashion-mnist." if req.download else "")
         )
     logger.info("reading Fashion-MNIST from %s", folder)

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import pickle
 import shutil
@@ -89,7 +90,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
         raise DataFormatError(f"{path}: truncated IDX header ({len(raw)} bytes, need {header})")
     dims = struct.unpack(f">{ndim}I", raw[4:header])
     dtype = IDX_DTYPES[code]
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(dims) * dtype.itemsize  # Python ints: a huge header cannot overflow
     got = len(raw) - header
     if got != expected:
         kind = "truncated" if got < expected else "has trailing bytes"

@@ -37,6 +37,9 @@ class StorageError(OSError):
     """A file of a run could not be written (disk full, read-only or permission denied); the message says
     which file, why, and that the previous version of it is intact."""
 
+    def __str__(self) -> str:  # the sentence only, without OSError's "[Errno N] ...: 'filename'" decoration
+        return str(self.strerror)
+
 
 _WRITE_HINT = {
     errno.ENOSPC: "the disk is full",
@@ -51,12 +54,16 @@ def storage_error(path: Path, err: BaseException, what: str = "write") -> Storag
     """A :class:`StorageError` for ``err`` raised while writing ``path``, saying why in words."""
     code = getattr(err, "errno", None)
     reason = _WRITE_HINT.get(code) or (os.strerror(code) if code else f"{type(err).__name__}: {err}")
-    with contextlib.suppress(OSError):
-        free = shutil.disk_usage(path.parent if path.parent.exists() else Path.cwd()).free
-        reason += f"; {free / 2**20:,.1f} MiB free on that file system"
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        with contextlib.suppress(OSError):
+            existing = next(p for p in (path, *path.parents) if p.exists())
+            reason += f" ({shutil.disk_usage(existing).free / 2**20:,.1f} MiB free there)"
+    todo = ("free some space" if code in (errno.ENOSPC, errno.EDQUOT) else
+            "choose a writable out_dir= or fix the permissions" if code in (errno.EROFS, errno.EACCES, errno.EPERM)
+            else "fix the cause")
     e = StorageError(code or errno.EIO, f"cannot {what} {str(path)!r}: {reason}. Nothing already written was "
-                     "damaged (files are replaced only once the new version is complete); free space or fix the "
-                     "permissions, then run the same command again (or --resume the run)")
+                     f"damaged (files are replaced only once the new version is complete); {todo}, then run the "
+                     "same command again (or --resume the run)")
     e.filename = str(path)
     return e
 

@@ -131,8 +131,11 @@ class Range:
         return not (self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi))
 
     def describe(self) -> str:
-        lo = "-inf" if self.lo is None else f"{self.lo:g}"
-        hi = "inf" if self.hi is None else f"{self.hi:g}"
+        def num(v: float) -> str:
+            return f"{int(v):,}" if float(v).is_integer() and abs(v) >= 1e5 else f"{v:g}"
+
+        lo = "-inf" if self.lo is None else num(self.lo)
+        hi = "inf" if self.hi is None else num(self.hi)
         left = "(" if self.lo is None or self.lo_open else "["
         right = ")" if self.hi is None or self.hi_open else "]"
         return f"{left}{lo}, {hi}{right}"
