@@ -219,9 +219,9 @@ def test_grid_skips_finished_resumes_interrupted_and_refuses_changes(tmp_path, m
     calls: list[tuple[str, str]] = []
     real = grid.execute
 
-    def counting(config, action, threads, device):
+    def counting(config, action, threads, device, **kw):
         calls.append((config["name"], action))
-        return real(config, action, threads, device)
+        return real(config, action, threads, device, **kw)
 
     monkeypatch.setattr(grid, "execute", counting)
     lines: list[str] = []
@@ -267,8 +267,9 @@ def test_workers_run_in_subprocesses_with_split_threads(tmp_path):
     for t in r.tasks:
         s = json.loads((t.run_dir / "summary.json").read_text())
         assert s["hardware"]["threads"] == 1 and s["finished"]
-        assert (out / "logs" / f"resnet20-baseline-s{t.seed}.log").is_file()
-    assert not list((out / "logs").glob("*.json"))  # task/result files are cleaned up
+        worker_log = (out / "logs" / f"resnet20-baseline-s{t.seed}.log").read_text()
+        assert "epoch 1 |" in worker_log and "epoch 2 |" in worker_log  # the workers' epoch lines
+    assert not list((out / "logs").glob("*.json"))  # task/result/status files are cleaned up
     assert len(r.report.groups) == 1 and r.report.groups[0].seeds == [0, 1]
 
 

@@ -116,8 +116,8 @@ def test_run_folder_contents(finished_run):
         assert (d / name).is_file(), name
     lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2, 3]
-    for m in lines:
-        assert set(m["val"]) == {"net"} and set(m["test"]) == {"net"}
+    for m in lines:  # validation every epoch; the test split only once, at the end (eval_test="end")
+        assert set(m["val"]) == {"net"} and ("test" in m) == (m["epoch"] == 3)
         assert "loss_ce" in m["train"] and m["img_per_s"] > 0 and m["lr"] > 0
     s = json.loads((d / "summary.json").read_text())
     best_epoch = max(lines, key=lambda m: (m["val"]["net"], -m["epoch"]))["epoch"]
@@ -128,10 +128,24 @@ def test_run_folder_contents(finished_run):
     assert s["params"]["extra"] == 0
     assert s["data"] == {"train": 72, "val": 24, "test": 40, "name": "synthetic", "subset": None,
                          "val_fraction": 0.25}
-    assert load_checkpoint(d / "best.pt")["epoch"] == best_epoch
+    best = load_checkpoint(d / "best.pt")
+    assert best["epoch"] == best_epoch and best["metrics"]["test"] == s["best"]["test"]  # tested on its weights
+    assert s["eval_time_s"] > 0
     log = (d / "train.log").read_text()  # filled even though the API caller set up no logging
     assert "baseline on synthetic" in log and "epoch 3 |" in log
     assert finished_run.best_test_accuracy == s["best"]["test"]["net"]
+
+
+def test_best_epoch_is_tested_on_its_own_weights_and_test_curves_on_request(tmp_path):
+    every = fusionkd.train(**tiny(tmp_path, epochs=3, name="every", eval_test="every"))
+    end = fusionkd.train(**tiny(tmp_path, epochs=3, name="end"))
+    lines = [json.loads(x) for x in (every.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all("test" in m for m in lines)
+    best = every.summary["best"]
+    assert best["test"] == lines[best["epoch"] - 1]["test"]  # same weights, same numbers
+    assert end.summary["best"] == best and end.summary["last"] == every.summary["last"]
+    a, b = (load_checkpoint(r.run_dir / "last.pt")["method_state"] for r in (every, end))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # testing the best weights left the run untouched
 
 
 def test_learns_something(tmp_path):
@@ -177,7 +191,7 @@ def test_resume_continues_exactly(tmp_path):
     lines = [json.loads(x) for x in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2, 3, 4]
     full_lines = [json.loads(x) for x in (full.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [m["test"] for m in lines] == [m["test"] for m in full_lines]
+    assert [m.get("test") for m in lines] == [m.get("test") for m in full_lines]
     assert resumed.summary["best"] == full.summary["best"]
 
 
@@ -355,7 +369,7 @@ def test_progress_bar_shows_loss_accuracy_speed_and_eta():
     p = Progress("bar", epochs=4, steps_per_epoch=10, stream=out)
     p.step(1, 5, 0.5, 1234.0, 81.25)
     text = out.getvalue()
-    assert "epoch 2/4" in text and "5/10" in text and "loss 0.5000" in text and "val acc 81.25%" in text
+    assert "epoch 2/4" in text and "5/10" in text and "loss 0.5000" in text and "val 81.25%" in text
     assert "1,234 img/s" in text and "ETA" in text
     p.epoch_end(1, "epoch 2 | summary")
     assert out.getvalue().rstrip().endswith("epoch 2 | summary")

@@ -67,7 +67,8 @@ def test_two_step_recipe(tmp_path, teacher, method, extra):
 def test_mfkd_end_to_end_resume_and_eval_without_the_teacher_file(tmp_path, teacher):
     teacher_file = tmp_path / "teacher.pt"
     shutil.copy(teacher.run_dir / "best.pt", teacher_file)
-    kw = dict(method="mfkd", teacher=str(teacher_file), epochs=3, out_dir=str(tmp_path), name="mfkd", **TINY)
+    kw = dict(method="mfkd", teacher=str(teacher_file), epochs=3, out_dir=str(tmp_path), name="mfkd",
+              eval_test="every", **TINY)
     first = fusionkd.train(stop_after=1, **kw)  # the fusion stage (1 epoch = 10 % of 3, at least 1)
     assert first.summary["finished"] is False
     after_fusion = load_checkpoint(first.run_dir / "last.pt")["method_state"]
@@ -81,6 +82,7 @@ def test_mfkd_end_to_end_resume_and_eval_without_the_teacher_file(tmp_path, teac
     assert_teacher_unchanged(r.run_dir / "last.pt", teacher.run_dir / "best.pt")
 
     lines = [__import__("json").loads(x) for x in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [set(m["val"]) for m in lines] == [{"net", "fused", "teacher"}, {"net"}, {"net"}]
     assert [set(m["test"]) for m in lines] == [{"net", "fused", "teacher"}, {"net"}, {"net"}]
     assert lines[0]["train"]["loss_feat"] == 0.0 and lines[0]["train"]["loss_fusion_ce"] > 0
     assert lines[1]["train"]["loss_feat"] > 0 and lines[1]["train"]["loss_fusion_ce"] == 0.0

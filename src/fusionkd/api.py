@@ -59,7 +59,34 @@ def resume(run_dir: str | Path, stop_after: int | None = None, **overrides: Any)
 
 def _fit(trainer, stop_after: int | None):
     trainer.stop_after = stop_after
-    return trainer.fit()
+    with _console_logging(trainer.cfg.progress != "none"):
+        return trainer.fit()
+
+
+class _console_logging:
+    """While the API trains: when the program set up no logging at all (no handler on the root or the
+    ``fusionkd`` logger), show fusionkd's INFO lines (data, model, epoch lines, the result) on stderr, as the
+    CLI does. ``progress="none"`` keeps the call silent; a program that configured logging keeps its own."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.handler: logging.Handler | None = None
+        self.level = log.level
+
+    def __enter__(self) -> None:
+        if self.enabled and not logging.getLogger().handlers and not log.handlers:
+            import sys
+
+            self.handler = logging.StreamHandler(sys.stderr)
+            self.handler.setFormatter(logging.Formatter("%(message)s"))
+            log.addHandler(self.handler)
+            if log.getEffectiveLevel() > logging.INFO:
+                log.setLevel(logging.INFO)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.handler is not None:
+            log.removeHandler(self.handler)
+            log.setLevel(self.level)
 
 
 def list_registered() -> dict[str, list[dict[str, str]]]:
@@ -152,15 +179,15 @@ def evaluate_checkpoint(checkpoint: str | Path, *, dataset: str | None = None, d
 
 
 # ---------------------------------------------------------------------- export
-def export_checkpoint(checkpoint: str | Path, out: str | Path, *, onnx: bool | None = None,
+def export_checkpoint(checkpoint: str | Path, out: str | Path, *, onnx: bool = False,
                       which: str | None = None) -> dict[str, Any]:
     """Export the deploy network of ``checkpoint``.
 
     Writes ``out`` (a ``torch.export`` program, ``.pt2``, batch dimension dynamic), ``<out>.pt`` (a
     fusionkd deploy file: plain state_dict + metadata, usable as a teacher or for ``fusionkd eval``),
-    ``<out>.json`` (metadata: model, classes, input shape, normalisation, accuracies) and, when the
-    ``onnx`` package is installed (or ``onnx=True``), ``<out>.onnx``. The exported program is loaded back
-    and checked to give the same logits as the checkpoint's network.
+    ``<out>.json`` (metadata: model, classes, input shape, normalisation, accuracies) and, only with
+    ``onnx=True`` (needs the ``onnx`` package; a clear error without it), ``<out>.onnx``. The exported
+    program is loaded back and checked to give the same logits as the checkpoint's network.
     """
     from .engine.checkpoint import (
         FORMAT,
@@ -170,8 +197,12 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, onnx: bool | N
         build_deploy_model,
         load_checkpoint,
     )
+    from .engine.config import ConfigError
 
     del which
+    if onnx and importlib.util.find_spec("onnx") is None:
+        raise ConfigError("onnx=True (--onnx) needs the onnx package: pip install 'fusionkd[onnx]', or export "
+                          "without it (the .pt2, .pt and .json files)")
     ckpt = load_checkpoint(checkpoint)
     model = build_deploy_model(ckpt)
     data = ckpt["data"]
@@ -211,17 +242,11 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, onnx: bool | N
     atomic_write_text(json.dumps(meta, indent=2), out.with_suffix(".json"))
     written = {"program": str(out), "deploy": str(deploy_file), "metadata": str(out.with_suffix(".json")),
                "max_abs_diff": diff}
-    want_onnx = onnx if onnx is not None else importlib.util.find_spec("onnx") is not None
-    if want_onnx:
+    if onnx:
         onnx_path = out.with_suffix(".onnx")
-        try:
-            torch.onnx.export(model, (example,), str(onnx_path), input_names=["images"], output_names=["logits"],
-                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
-            written["onnx"] = str(onnx_path)
-        except Exception as e:  # onnx export depends on optional packages; report, don't fail the export
-            if onnx:
-                raise
-            log.warning("ONNX export skipped: %s: %s", type(e).__name__, e)
+        torch.onnx.export(model, (example,), str(onnx_path), input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+        written["onnx"] = str(onnx_path)
     return written
 
 

@@ -84,7 +84,8 @@ def _result_table(summary: dict[str, Any]) -> str:
         f"{summary['data']['test']} test",
         *rows,
         f"(* deploy head; best epoch {best.get('epoch')} chosen by {best.get('selection', 'val')} accuracy; "
-        f"accuracies in %; {summary['train_time_s']:.0f}s training, {summary['img_per_s']:,.0f} img/s)",
+        f"accuracies in %; {summary['train_time_s']:.0f}s training at {summary['img_per_s']:,.0f} img/s"
+        + (f" + {summary['eval_time_s']:.0f}s evaluation" if summary.get("eval_time_s") is not None else "") + ")",
         f"run folder: {summary['run_dir']}",
     ])
 
@@ -101,7 +102,7 @@ def cmd_train(args: argparse.Namespace, names: list[str]) -> int:
     else:
         cfg = resolve_config(flags, config_file=args.config, overrides=args.overrides)
         if args.print_config:
-            print(cfg.to_yaml(), end="")
+            print(_resolved_yaml(cfg), end="")
             return 0
         from .engine.trainer import Trainer
 
@@ -110,9 +111,25 @@ def cmd_train(args: argparse.Namespace, names: list[str]) -> int:
         result = trainer.fit()
     if result.summary.get("finished"):
         print(_result_table(result.summary))
-    else:
-        print(f"stopped after epoch {result.summary['epoch']}; continue with: fusionkd train --resume {result.run_dir}")
+    # a stop after --stop-after was already said once, by the trainer's log line
     return 0
+
+
+def _resolved_yaml(cfg) -> str:
+    """The config as YAML with the method's options resolved to their defaults (display only: the run's
+    ``config.yaml`` keeps what was given, so that a later change of a default is visible as such)."""
+    import dataclasses
+
+    from .engine.config import build_options
+    from .methods import METHODS
+
+    opts = build_options(METHODS.get(cfg.method), cfg.options, cfg.method)
+    d = cfg.to_dict()
+    if dataclasses.is_dataclass(opts):
+        d["options"] = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)}
+    import yaml
+
+    return yaml.safe_dump(d, sort_keys=False)
 
 
 def _kv(text: str) -> tuple[str, Any]:
@@ -135,8 +152,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"per-class accuracy of the deploy head ({r['deploy_head']}):")
     for c, a in r["per_class_accuracy"].items():
         print(f"  {c:<20} {a:6.2f} %")
-    print("confusion matrix (rows: true class, columns: predicted):")
+    print("confusion matrix (rows: true class, columns: predicted class; class numbers as in the list on the "
+          "right):")
     width = max(5, max(len(str(v)) for row in r["confusion_matrix"] for v in row) + 1)
+    print("  " + "true" + "".join(f"{j:>{width}}" for j in range(len(r["classes"]))))
     for i, row in enumerate(r["confusion_matrix"]):
         print(f"  {i:>3} " + "".join(f"{v:>{width}}" for v in row) + f"   {r['classes'][i]}")
     return 0
@@ -145,7 +164,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from . import api
 
-    w = api.export_checkpoint(args.checkpoint, args.out, onnx=True if args.onnx else None)
+    w = api.export_checkpoint(args.checkpoint, args.out, onnx=args.onnx)
     for k, v in w.items():
         print(f"{k:<12} {v}")
     return 0
@@ -169,7 +188,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         return 0
     for section in ("methods", "models", "datasets"):
         print(f"{section}:")
-        for e in reg[section]:
+        for e in sorted(reg[section], key=lambda e: e["name"]):
             fam = f"[{e['family']}] " if e.get("family") else ""
             print(f"  {e['name']:<16} {fam}{e['description']}")
     return 0
@@ -228,7 +247,13 @@ def _add_extra_commands(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser, names = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value may come anywhere, also after a --flag (argparse stops filling the positional list there)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.parse_args(argv)  # the usual "unrecognized arguments" error, with usage
+    if extra:
+        args.overrides = [*(args.overrides or []), *extra]
     _setup_logging(args.verbose)
     from .data import DataFormatError, DatasetNotFoundError, DownloadError
     from .engine.checkpoint import CheckpointError, StorageError

@@ -38,7 +38,8 @@ def _split_method_options(items: list[str] | None) -> tuple[list[str], list[str]
 def _compare_command(args: argparse.Namespace) -> str:
     """The canonical command line of a comparison (recorded in compare.json and report.md)."""
     parts = ["fusionkd", "compare", "--methods", args.methods, "--models", args.models, "--seeds", args.seeds]
-    for flag, value in (("--dataset", args.dataset), ("--out", args.out), ("--config", args.config),
+    for flag, value in (("--dataset", args.dataset), ("--epochs", args.epochs), ("--subset", args.subset),
+                        ("--out", args.out), ("--config", args.config),
                         ("--teacher-model", args.teacher_model), ("--teacher-epochs", args.teacher_epochs)):
         if value is not None:
             parts += [flag, str(value)]
@@ -49,7 +50,8 @@ def _compare_command(args: argparse.Namespace) -> str:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare.grid import CompareSpec, compare, parse_method_options, parse_names, parse_seeds
-    from .compare.report import by_table, results_table
+    from .compare.report import by_table
+    from .compare.terminal import compact_table
 
     methods = parse_names(args.methods, "method")
     models = parse_names(args.models, "model")
@@ -57,10 +59,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     args.method_options, stray = _split_method_options(args.method_options)
     args.overrides = list(args.overrides) + stray
     common = dict(parse_override(o) for o in args.overrides)
-    if args.dataset is not None:
-        if "dataset" in common and common["dataset"] != args.dataset:
-            raise ConfigError(f"--dataset {args.dataset} and dataset={common['dataset']} disagree; give one")
-        common["dataset"] = args.dataset
+    for key in ("dataset", "epochs", "subset"):
+        value = getattr(args, key)
+        if value is None:
+            continue
+        if key in common and common[key] != value:
+            raise ConfigError(f"--{key} {value} and {key}={common[key]} disagree; give one")
+        common[key] = value
     devices = _csv(args.devices) or None
     workers = args.workers if args.workers is not None else (len(devices) if devices else 1)
     spec = CompareSpec(
@@ -77,8 +82,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
               f"the same command again (results so far: fusionkd report {args.out})", file=sys.stderr)
         return 130
     for (dataset, model), groups in by_table(result.report.groups).items():
-        print(f"\n{model} on {dataset} (test accuracy %, mean ± std over seeds):")
-        print(results_table(groups))
+        print(f"\n{model} on {dataset}: deploy head's test accuracy %, mean ± std over seeds "
+              "(the full table is in report.md):")
+        print(compact_table(groups))
     print("\n" + _written(result.report))
     if result.failures:
         failed = "; ".join(f.label for f in result.failures)
@@ -164,6 +170,8 @@ def add_parsers(sub) -> None:
     c.add_argument("--methods", required=True, help="comma-separated registered methods (fusionkd list)")
     c.add_argument("--models", default="resnet20", help="comma-separated zoo models (default: resnet20)")
     c.add_argument("--dataset", help="dataset of every run (default: the config default, fashion-mnist)")
+    c.add_argument("--epochs", type=int, help="epochs of every run (same as epochs=N)")
+    c.add_argument("--subset", type=int, help="training images of every run (same as subset=N)")
     c.add_argument("--seeds", default="0", help="seeds, e.g. 0,1,2 or 0-4 (default: 0)")
     c.add_argument("--out", default="runs/compare", help="output folder (default: runs/compare)")
     c.add_argument("--config", help="YAML file of options common to every run (key=value wins over it)")

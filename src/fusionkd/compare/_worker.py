@@ -22,7 +22,8 @@ def main(argv: list[str]) -> int:
         from .grid import execute
 
         task = json.loads(Path(argv[1]).read_text())
-        res = execute(task["config"], task["action"], task["threads"], task.get("device"))
+        res = execute(task["config"], task["action"], task["threads"], task.get("device"), task.get("progress"),
+                      task.get("status_file"))
         tmp = Path(argv[2] + ".tmp")
         tmp.write_text(json.dumps(res, default=str))
         os.replace(tmp, argv[2])

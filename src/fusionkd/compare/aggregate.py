@@ -62,8 +62,13 @@ class RunRecord:
         return int(self.summary.get("seed", 0))
 
     def evaluated(self) -> list[dict[str, Any]]:
-        """The ``metrics.jsonl`` lines of the epochs that were evaluated (they hold ``test``)."""
+        """The ``metrics.jsonl`` lines of the epochs whose test accuracy was measured (all evaluated epochs with
+        ``eval_test=every``, only the last one by default)."""
         return [m for m in self.metrics if m.get("test")]
+
+    def validated(self) -> list[dict[str, Any]]:
+        """The ``metrics.jsonl`` lines of the epochs that were evaluated on the validation split."""
+        return [m for m in self.metrics if m.get("val")]
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[Path]:
@@ -108,16 +113,21 @@ def load_run(folder: str | Path) -> RunRecord:
 
 # ---------------------------------------------------------------------- per run and head
 def _best_by_own_val(rec: RunRecord, head: str) -> tuple[int | None, float | None, float | None, str]:
-    """``(epoch, val, test, selection)`` of ``head`` at its own best validation epoch."""
+    """``(epoch, val, test, selection)`` of ``head`` at its own best validation epoch.
+
+    That needs the head's test accuracy at every validated epoch (``eval_test=every``). A run that tested only
+    at the end (the default) reports the head at the deploy head's best epoch instead (selection
+    ``deploy-val``): ``best.pt`` holds those weights and the engine tested every head on them."""
     lines = [m for m in rec.evaluated() if head in m["test"]]
     with_val = [m for m in lines if head in (m.get("val") or {})]
-    if with_val:
+    validated = [m for m in rec.validated() if head in m["val"]]
+    if with_val and len(with_val) == len(validated):
         best = with_val[0]
         for m in with_val[1:]:
             if m["val"][head] > best["val"][head]:  # strict: the first epoch of the maximum, as the engine
                 best = m
         return best["epoch"], best["val"][head], best["test"][head], "val"
-    if lines:
+    if lines and not validated:
         return lines[-1]["epoch"], None, lines[-1]["test"][head], "last"
     b = rec.summary.get("best") or {}  # no metrics.jsonl: the engine's best epoch (chosen by the deploy head)
     return b.get("epoch"), (b.get("val") or {}).get(head), (b.get("test") or {}).get(head), "deploy-val"
@@ -314,7 +324,7 @@ def summarize(records: Sequence[RunRecord]) -> list[GroupStats]:
 
 
 #: config keys that legitimately differ between runs (identity, output, runtime-only settings)
-RUNTIME_KEYS = frozenset({"seed", "name", "out_dir", "progress", "log_every", "threads", "eval_batch_size",
+RUNTIME_KEYS = frozenset({"seed", "name", "out_dir", "progress", "log_every", "eval_test", "threads", "eval_batch_size",
                           "tensorboard", "device"})
 
 

@@ -48,12 +48,13 @@ from ..methods import METHODS
 from ..models import MODELS
 from ..registry import UnknownNameError
 from .aggregate import flatten, load_run
+from .live import LiveBoard
 from .report import Failure, ReportFiles, write_report
 
 log = logging.getLogger("fusionkd")
 
 #: config keys that may differ between a stored run and the requested one (they do not change results)
-IGNORED_KEYS = frozenset({"progress", "log_every", "threads", "eval_batch_size", "tensorboard", "device",
+IGNORED_KEYS = frozenset({"progress", "log_every", "eval_test", "threads", "eval_batch_size", "tensorboard", "device",
                           "out_dir", "name"})
 #: keys a comparison sets itself, with what to use instead
 RESERVED_COMMON = {
@@ -339,8 +340,13 @@ def plan(spec: CompareSpec) -> tuple[Task | None, list[Task]]:
 
 
 # ---------------------------------------------------------------------- running
-def execute(config: dict[str, Any], action: str, threads: int, device: str | None) -> dict[str, Any]:
+def execute(config: dict[str, Any], action: str, threads: int, device: str | None, progress: str | None = None,
+            status_file: str | None = None) -> dict[str, Any]:
     """Train (``fresh``/``overwrite``) or resume one run in this process; never raises for a failed run.
+
+    ``progress`` replaces the run's progress mode (it does not change results; a worker process uses "log" so
+    that its epoch lines land in its log); ``status_file`` receives the live state (see
+    :mod:`fusionkd.compare.live`).
 
     Returns ``{"ok": True, "summary": ...}`` or ``{"ok": False, "error": "..."}`` (the traceback is written
     to ``error.log`` in the run folder).
@@ -350,7 +356,7 @@ def execute(config: dict[str, Any], action: str, threads: int, device: str | Non
     cfg = build_dataclass(Config, config)
     try:
         if action == "resume":
-            overrides: dict[str, Any] = {"threads": threads, "progress": "none"}
+            overrides: dict[str, Any] = {"threads": threads, "progress": progress or "none"}
             if device:
                 overrides["device"] = device
             trainer = Trainer.resume(cfg.run_dir, overrides)
@@ -358,8 +364,12 @@ def execute(config: dict[str, Any], action: str, threads: int, device: str | Non
             cfg.threads = threads
             if device:
                 cfg.device = device
+            if progress:
+                cfg.progress = progress
             validate(cfg)
             trainer = Trainer(cfg, overwrite=action == "overwrite")
+        if status_file:
+            trainer.status_file = Path(status_file)
         result = trainer.fit()
         (cfg.run_dir / "error.log").unlink(missing_ok=True)
         return {"ok": True, "summary": result.summary}
@@ -377,6 +387,7 @@ class _Running:
     result_file: Path
     log_file: Path
     t0: float
+    status_file: Path
 
 
 def _slug(task: Task) -> str:
@@ -435,7 +446,8 @@ class GridRunner:
                     continue
                 self._started(t)
                 t0 = time.perf_counter()
-                res = execute(t.config.to_dict(), t.action, self.threads, self.slot_devices[0])
+                # in this process: the trainer's own display (a bar on a terminal, epoch lines otherwise)
+                res = execute(t.config.to_dict(), t.action, self.threads, self.slot_devices[0], progress="auto")
                 ok = self._done(t, res, time.perf_counter() - t0)
                 teacher_ok = teacher_ok or (t.is_teacher and ok)
             return
@@ -448,8 +460,18 @@ class GridRunner:
         running: list[_Running] = []
         free = list(range(self.spec.workers))
         teacher_state = "ok" if teacher_ok else "pending"
+        raw_report = self.report
+        board = LiveBoard(say=raw_report)
+
+        def report(line: str) -> None:  # messages go above the live lines
+            board.clear()
+            raw_report(line)
+
+        self.report = report
         try:
             while pending or running:
+                board.update([(f"[{r.slot + 1}] {_slug(r.task)}", r.status_file)
+                              for r in sorted(running, key=lambda r: r.slot)])
                 for t in [t for t in pending if t.needs_teacher and teacher_state == "failed"]:
                     pending.remove(t)
                     self._fail(t, "its teacher did not train", 0.0)
@@ -472,6 +494,8 @@ class GridRunner:
                     if r.task.is_teacher:
                         teacher_state = "ok" if ok else "failed"
         finally:
+            board.clear()
+            self.report = raw_report
             for r in running:  # interrupted: stop the workers (their last finished epoch is in last.pt)
                 r.proc.terminate()
             for r in running:
@@ -484,9 +508,12 @@ class GridRunner:
         slug = _slug(t)
         task_file, result_file, log_file = logs / f"{slug}.task.json", logs / f"{slug}.result.json", \
             logs / f"{slug}.log"
+        status_file = logs / f"{slug}.status.json"
         result_file.unlink(missing_ok=True)
+        status_file.unlink(missing_ok=True)
         device = self.slot_devices[slot]
-        task = {"config": t.config.to_dict(), "action": t.action, "threads": self.threads, "device": device}
+        task = {"config": t.config.to_dict(), "action": t.action, "threads": self.threads, "device": device,
+                "progress": "log", "status_file": str(status_file)}
         task_file.write_text(json.dumps(task))
         env = dict(os.environ)
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -495,7 +522,7 @@ class GridRunner:
             proc = subprocess.Popen([sys.executable, "-m", "fusionkd.compare._worker", "run", str(task_file),
                                      str(result_file)], stdout=lf, stderr=subprocess.STDOUT, env=env)
         self._started(t, f" on {device}" if device else "")
-        return _Running(t, proc, slot, result_file, log_file, time.perf_counter())
+        return _Running(t, proc, slot, result_file, log_file, time.perf_counter(), status_file)
 
     @staticmethod
     def _read_result(r: _Running) -> dict[str, Any]:

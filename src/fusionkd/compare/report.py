@@ -41,8 +41,10 @@ KEY_SETTINGS = ("dataset", "subset", "val_fraction", "data_seed", "epochs", "bat
 DEFINITIONS = (
     "Accuracies are top-1 test accuracy (%) on the dataset's test split. **last**: after the final epoch "
     "(`last.pt`). **best-val**: at the epoch with the highest *validation* accuracy (never chosen on test); "
-    "for the deploy head this is the engine's `best.pt` epoch, every other head is selected by its own "
-    "validation accuracy. Values are mean ± sample std over seeds (ddof = 1; `-` for a single seed). "
+    "for the deploy head this is the engine's `best.pt` epoch (tested on `best.pt`'s weights); every other "
+    "head is selected by its own validation accuracy when the runs tested every epoch (`eval_test=every`), "
+    "else it is reported at the deploy head's best epoch (selection `deploy-val`). Values are mean ± sample "
+    "std over seeds (ddof = 1; `-` for a single seed). "
     "**gain** is mean(method) − mean(baseline) for the same model; *within noise* when |gain| is smaller "
     "than the larger of the two stds. **best aux head**: among the heads that are never deployed, the one "
     "with the highest mean last-epoch test accuracy (e.g. a fused, ensemble or self-teacher classifier). "
@@ -208,14 +210,23 @@ def plots_available() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
-def _deploy_curve(rec: RunRecord) -> dict[int, float]:
+def _curve_split(records: Sequence[RunRecord]) -> str:
+    """"test" when every run measured the test split at every validated epoch (``eval_test=every``, or no
+    validation split), else "val": by default the test split is read once, at the end."""
+    every = all(len(r.evaluated()) >= max(2, len(r.validated())) for r in records)
+    return "test" if records and every else "val"
+
+
+def _deploy_curve(rec: RunRecord, split: str = "test") -> dict[int, float]:
     head = rec.summary["deploy_head"]
-    return {m["epoch"]: m["test"][m.get("deploy_head", head)] for m in rec.evaluated()
-            if m.get("deploy_head", head) in m["test"]}
+    lines = rec.evaluated() if split == "test" else rec.validated()
+    return {m["epoch"]: m[split][m.get("deploy_head", head)] for m in lines
+            if m.get("deploy_head", head) in m[split]}
 
 
 def write_plots(records: Sequence[RunRecord], groups: Sequence[GroupStats], out_dir: Path) -> list[Path]:
-    """Per (dataset, model): test-accuracy curves (deploy head, mean over seeds, min–max band) and a bar
+    """Per (dataset, model): accuracy curves (deploy head, mean over seeds, min–max band; validation accuracy
+    unless every run tested every evaluated epoch, see :func:`_curve_split`) and a bar
     chart of the last-epoch deploy-head accuracy with ±std error bars. Returns the PNG paths."""
     import matplotlib
 
@@ -227,8 +238,10 @@ def write_plots(records: Sequence[RunRecord], groups: Sequence[GroupStats], out_
     for (dataset, model), gs in by_table(groups).items():
         slug = _slug(f"{dataset}_{model}")
         fig, ax = plt.subplots(figsize=(7, 4.5))
+        split = _curve_split([r for r in records if r.key[:2] == (dataset, model)])
+        split_name = {"test": "test", "val": "validation"}[split]
         for g in gs:
-            curves = [_deploy_curve(r) for r in records if r.key == (dataset, model, g.method)]
+            curves = [_deploy_curve(r, split) for r in records if r.key == (dataset, model, g.method)]
             epochs = sorted({e for c in curves for e in c})
             if not epochs:
                 continue
@@ -241,8 +254,8 @@ def write_plots(records: Sequence[RunRecord], groups: Sequence[GroupStats], out_
                                 color=line.get_color(), alpha=0.2, linewidth=0)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
-        ax.set_ylabel("test accuracy (%), deploy head")
-        ax.set_title(f"{model} on {dataset}: deploy-head test accuracy, mean over seeds, band = min–max",
+        ax.set_ylabel(f"{split_name} accuracy (%), deploy head")
+        ax.set_title(f"{model} on {dataset}: deploy-head {split_name} accuracy, mean over seeds, band = min–max",
                      fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

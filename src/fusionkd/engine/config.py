@@ -76,14 +76,15 @@ class Config:
     compile: bool = False  #: torch.compile every network of the method
     threads: int | None = None  #: torch intra-op threads (CPU)
     seed: int = 0  #: seeds torch/numpy/python and the loader (shuffling, augmentation draws)
-    eval_every: int = 1  #: evaluate every N epochs (and always after the last)
+    eval_every: int = 1  #: evaluate the validation split every N epochs (and always after the last)
+    eval_test: str = "end"  #: "end": test split once, on the best-validation and last weights; "every": also each eval
     eval_batch_size: int = 512  #: batch of the evaluation passes
     # -- output
     out_dir: str = "runs"  #: parent folder of run folders
     name: str | None = None  #: run folder name; default ``{dataset}/{method}-{model}-s{seed}``
     tensorboard: bool = False  #: also write TensorBoard events (needs the tensorboard package)
     progress: str = "auto"  #: "auto" (bar on a terminal, log lines otherwise), "bar", "log", "none"
-    log_every: int = 50  #: steps between progress refreshes (each costs one host sync)
+    log_every: int = 0  #: steps between progress refreshes; 0: by time (1 s on a terminal); each costs one host sync
 
     # ------------------------------------------------------------------ conversions
     def to_dict(self) -> dict[str, Any]:
@@ -107,6 +108,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "precision": ("fp32", "bf16", "fp16"),
     "lr_scale": ("none", "linear"),
     "progress": ("auto", "bar", "log", "none"),
+    "eval_test": ("end", "every"),
     "augment.padding_mode": ("zero", "reflect"),
 }
 
@@ -163,7 +165,7 @@ RANGES: dict[str, Range] = {
     "seed": Range(0, 2**63 - 1),
     "eval_every": Range(1, None),
     "eval_batch_size": Range(1, None),
-    "log_every": Range(1, None),
+    "log_every": Range(0, None, why="0 refreshes by time"),
 }
 
 
@@ -404,7 +406,7 @@ def validate(cfg: Config) -> None:
     from ..models import MODELS
     from ..registry import UnknownNameError
 
-    for key in ("optimizer", "schedule", "precision", "lr_scale", "progress"):
+    for key in ("optimizer", "schedule", "precision", "lr_scale", "progress", "eval_test"):
         _choice(getattr(cfg, key), key)
     _choice(cfg.augment.padding_mode, "augment.padding_mode")
     try:

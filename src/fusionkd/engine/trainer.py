@@ -24,6 +24,7 @@ import math
 import platform
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,8 @@ from .rundir import RunLock, RunLockedError, clear_folder, folder_entries, has_f
 log = logging.getLogger("fusionkd")
 
 #: options that may differ when a run is resumed (everything else must match the checkpoint)
-RESUME_MUTABLE = {"epochs", "progress", "log_every", "threads", "eval_batch_size", "tensorboard", "device"}
+RESUME_MUTABLE = {"epochs", "progress", "log_every", "threads", "eval_batch_size", "tensorboard", "device",
+                  "eval_test"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -274,12 +276,15 @@ def compile_networks(method: nn.Module) -> int:
 
 
 @torch.inference_mode()
-def evaluate(method: Method, loader: DeviceLoader, amp, dist_info: D.DistInfo | None = None) -> dict[str, float]:
+def evaluate(method: Method, loader: DeviceLoader, amp, dist_info: D.DistInfo | None = None,
+             on_batch: Callable[[int, int], None] | None = None) -> dict[str, float]:
     """Top-1 accuracy (%) of every head; counts stay on the device until the end (one sync). Under
-    torchrun each rank evaluates its shard and the counts are summed, so every rank gets the same numbers."""
+    torchrun each rank evaluates its shard and the counts are summed, so every rank gets the same numbers.
+    ``on_batch(images_done, images_total)`` is called after every batch (host-side counts, no sync)."""
     method.eval()
     correct: dict[str, torch.Tensor] = {}
     total = 0
+    n_all = len(loader.dataset) if hasattr(loader, "dataset") else 0
     for images, labels in loader:
         with amp:
             heads = method.eval_logits(images)
@@ -287,6 +292,8 @@ def evaluate(method: Method, loader: DeviceLoader, amp, dist_info: D.DistInfo | 
             hit = (logits.argmax(dim=1) == labels).sum()
             correct[name] = correct[name] + hit if name in correct else hit
         total += labels.numel()
+        if on_batch is not None:
+            on_batch(total, max(n_all, total))
     names = sorted(correct)
     device = next(iter(correct.values())).device if correct else torch.device("cpu")
     counts = torch.stack([correct[n] for n in names] + [torch.tensor(total, device=device)]).to(torch.float64)
@@ -355,6 +362,8 @@ class Trainer:
         self.method: Method | None = None
         #: the summary of a run that ``resume`` found finished already (``fit`` then trains nothing)
         self.finished_summary: dict[str, Any] | None = None
+        #: where the progress display also writes its state as JSON (``fusionkd compare`` reads it)
+        self.status_file: Path | None = None
         self.dist = D.env_info()
         self._file_handler: logging.Handler | None = None
         self._lock: RunLock | None = None
@@ -491,6 +500,11 @@ class Trainer:
         except CheckpointError:
             held = None  # unreadable: rebuilt below when possible
         if held == best["epoch"]:
+            if best.get("test") is not None and best_is_last(last) is False:
+                from .checkpoint import _read
+
+                if (_read(path, "cpu").get("metrics") or {}).get("test") is None:
+                    self._record_best_test(best)  # a stop after last.pt, before best.pt got its test accuracy
             return
         if best_is_last(last):
             atomic_copy(self.run_dir / "last.pt", path)
@@ -649,7 +663,8 @@ class Trainer:
                      method.ctx.teacher.meta.get("path"), f"{acc:.2f}%" if acc is not None else "n/a")
 
         writer = self._tensorboard() if cfg.tensorboard and main else None
-        progress = Progress(cfg.progress if main else "none", cfg.epochs, len(train_loader), start_epoch)
+        progress = Progress(cfg.progress if main else "none", cfg.epochs, len(train_loader), start_epoch,
+                            status_file=self.status_file if main else None)
         self._model, self._signature = method, None
         common = {"config": cfg.to_dict(), "config_hash": config_hash(cfg),
                   "data": {**info.to_dict(), "sizes": data_sizes},
@@ -660,15 +675,22 @@ class Trainer:
             for epoch in range(start_epoch, end_epoch):
                 metrics = self._train_epoch(method, optimizer, scheduler, scaler, train_loader, epoch, amp,
                                             progress, device)
-                if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                final = epoch + 1 == cfg.epochs
+                if (epoch + 1) % cfg.eval_every == 0 or final:
                     t0 = time.perf_counter()
-                    val = evaluate(method, val_loader, amp, dist_info) if val_loader is not None else {}
-                    test = evaluate(method, test_loader, amp, dist_info)
+                    val = self._eval(method, val_loader, amp, progress, epoch, "val") if val_loader is not None else {}
+                    metrics["val"] = val
+                    if final or cfg.eval_test == "every":  # before on_validation: it may drop heads (mfkd)
+                        metrics["test"] = self._eval(method, test_loader, amp, progress, epoch, "test")
                     method.on_validation(val)
                     self._last_val = val.get(method.deploy_head)
-                    metrics.update(val=val, test=test, time_eval_s=time.perf_counter() - t0)
+                    metrics["time_eval_s"] = time.perf_counter() - t0
                 metrics["deploy_head"] = method.deploy_head
                 best = self._update_best(best, metrics, method.deploy_head)
+                if final and best is not None and best.get("test") is None:
+                    t0 = time.perf_counter()
+                    best = {**best, "test": self._test_best_weights(method, test_loader, amp, progress, epoch, best)}
+                    metrics["time_eval_s"] = metrics.get("time_eval_s", 0.0) + time.perf_counter() - t0
                 last_metrics = metrics
                 if main:
                     self._append_metrics(metrics)
@@ -678,8 +700,10 @@ class Trainer:
                     atomic_save(state, self.run_dir / "last.pt")
                     if best is not None and best["epoch"] == epoch + 1:
                         atomic_save(state, self.run_dir / "best.pt")
+                    elif final and best is not None:
+                        self._record_best_test(best)
                 line = self._epoch_line(metrics, method.deploy_head)
-                progress.epoch_end(epoch, line)
+                progress.epoch_end(epoch, line, {**metrics, "val_deploy": self._last_val})
                 if progress.mode != "log" and main:  # the bar / silence still leave the epoch in train.log
                     self._file_handler.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, line, None, None))
                 D.barrier(dist_info)  # no rank runs ahead of the checkpoint it could resume from
@@ -693,6 +717,10 @@ class Trainer:
                      end_epoch, cfg.epochs, self.run_dir)
             return RunResult(self.run_dir, {"finished": False, "epoch": end_epoch, "best": best,
                                             "deploy_head": method.deploy_head}, cfg)
+        if best is not None and best.get("test") is None:  # a run from before test-at-the-end, or a stop
+            best = {**best, "test": self._test_best_weights(method, test_loader, amp, progress, cfg.epochs - 1, best)}
+            if main:
+                self._record_best_test(best)
         summary = None
         if main:
             summary = self._summary(method, best, last_metrics, params, data_sizes, info, device)
@@ -740,7 +768,7 @@ class Trainer:
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
             n_seen += labels.shape[0]
             steps = step + 1
-            if steps % cfg.log_every == 0:
+            if (steps % cfg.log_every == 0) if cfg.log_every else progress.due():
                 self._check_finite(bad_step, epoch)
                 mean_loss = float(sum(sums.values()).item()) / steps
                 progress.step(epoch, steps, mean_loss, n_seen / (time.perf_counter() - t0), self._last_val)
@@ -760,6 +788,38 @@ class Trainer:
             "time_train_s": elapsed,
             "img_per_s": n_seen / elapsed if elapsed > 0 else 0.0,
         }
+
+    def _eval(self, method: Method, loader: DeviceLoader, amp, progress: Progress, epoch: int,
+              split: str) -> dict[str, float]:
+        return evaluate(method, loader, amp, self.dist,
+                        on_batch=lambda done, total: progress.eval_step(epoch, split, done, total))
+
+    def _test_best_weights(self, method: Method, loader: DeviceLoader, amp, progress: Progress, epoch: int,
+                           best: dict[str, Any]) -> dict[str, float]:
+        """Test accuracy of every head with the best-validation epoch's weights (from ``best.pt``); the
+        method's current state is restored afterwards, bit for bit."""
+        path = self.run_dir / "best.pt"
+        ckpt = load_checkpoint(path)
+        if ckpt.get("epoch") != best["epoch"]:
+            raise CheckpointError(f"{path} holds epoch {ckpt.get('epoch')}, not the best epoch {best['epoch']}")
+        current = {k: v.detach().clone() for k, v in method.state_dict().items()}
+        load_weights_strict(method, ckpt["method_state"], f"this run's {self.cfg.method}")
+        try:
+            return self._eval(method, loader, amp, progress, epoch, f"test (best epoch {best['epoch']})")
+        finally:
+            method.load_state_dict(current)
+
+    def _record_best_test(self, best: dict[str, Any]) -> None:
+        """Write the best epoch's test accuracy into ``best.pt`` (after ``last.pt`` holds it too)."""
+        path = self.run_dir / "best.pt"
+        from .checkpoint import _read
+
+        ckpt = _read(path, "cpu")
+        if ckpt.get("epoch") != best["epoch"]:
+            return
+        ckpt["best"] = best
+        ckpt["metrics"] = {**(ckpt.get("metrics") or {}), "test": best["test"]}
+        atomic_save(ckpt, path)
 
     def _wrapped(self, method: Method, device: torch.device) -> nn.Module:
         """The method itself, or under torchrun one DDP wrapper around it, rebuilt whenever the set of
@@ -788,10 +848,10 @@ class Trainer:
 
         Without a validation split the last evaluated epoch stands in (selection = "last").
         """
-        if "test" not in metrics:
+        if "val" not in metrics:  # not an evaluation epoch
             return best
         val = metrics.get("val") or {}
-        entry = {"epoch": metrics["epoch"], "val": val, "test": metrics["test"],
+        entry = {"epoch": metrics["epoch"], "val": val, "test": metrics.get("test"),
                  "selection": "val" if head in val else "last"}
         if best is None or head not in val or val[head] > (best.get("val") or {}).get(head, -math.inf):
             return entry
@@ -855,13 +915,16 @@ class Trainer:
     def _epoch_line(m: dict[str, Any], head: str) -> str:
         parts = [f"epoch {m['epoch']}", f"loss {m['train']['loss']:.4f}", f"lr {m['lr']:.4g}",
                  f"{m['img_per_s']:,.0f} img/s", f"{m['time_train_s']:.1f}s"]
-        if "test" in m:
+        if "time_eval_s" in m:
+            parts[-1] += f" + {m['time_eval_s']:.1f}s eval"
+        if "val" in m:
             val = m.get("val") or {}
-            parts.append(f"val {val[head]:.2f}" if head in val else "val -")
-            parts.append(f"test {m['test'][head]:.2f} ({head})")
-            others = [f"{h} {a:.2f}" for h, a in m["test"].items() if h != head]
+            parts.append(f"val {val[head]:.2f} ({head})" if head in val else "val -")
+            others = [f"{h} {a:.2f}" for h, a in val.items() if h != head]
             if others:
-                parts.append("other heads test: " + ", ".join(others))
+                parts.append("other heads val: " + ", ".join(others))
+        if "test" in m:
+            parts.append(f"test {m['test'][head]:.2f}")
         return " | ".join(parts)
 
     def _tensorboard(self):
@@ -886,6 +949,7 @@ class Trainer:
                  device) -> dict[str, Any]:
         lines = [json.loads(ln) for ln in (self.run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
         train_time = sum(m["time_train_s"] for m in lines)
+        eval_time = sum(m.get("time_eval_s", 0.0) for m in lines)
         seen = sum(m["img_per_s"] * m["time_train_s"] for m in lines)
         cfg = self.cfg
         return {
@@ -905,6 +969,7 @@ class Trainer:
             "last": {"epoch": last.get("epoch"), "val": last.get("val") or {}, "test": last.get("test") or {}},
             "params": params,
             "train_time_s": train_time,
+            "eval_time_s": eval_time,
             "img_per_s": seen / train_time if train_time > 0 else 0.0,
             "data": {**data_sizes, "name": info.name, "subset": cfg.subset, "val_fraction": cfg.val_fraction},
             "hardware": hardware_info(device),

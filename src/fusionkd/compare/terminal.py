@@ -1,0 +1,47 @@
+"""A compact results table for a terminal (``fusionkd compare`` prints it; ``report.md`` has the full one).
+
+Eight columns that fit in about 100 characters: method, seeds, the deploy head's test accuracy at the
+best-validation epoch and at the last epoch (mean ± std), the gain over the baseline at the best-validation
+epoch, the best auxiliary head, and training time per run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .aggregate import GroupStats
+
+
+def _time(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def compact_table(groups: Sequence[GroupStats]) -> str:
+    """Aligned plain-text table of one (dataset, model) group of methods."""
+    header = ["method", "seeds", "best-val", "last", "gain best-val", "best aux head", "time/run"]
+    rows = [header]
+    for g in groups:
+        if g.method == "baseline":
+            gain = "(reference)"
+        elif g.gain_best is None:
+            gain = "-"
+        else:
+            gain = f"{g.gain_best.value:+.2f}" + {None: " (1 seed)", True: " (noise)", False: ""}[
+                g.gain_best.within_noise]
+        aux = f"{g.aux_head} {g.aux_best.mean:.2f}" if g.aux_head and g.aux_best.mean is not None else "-"
+        rows.append([g.method, str(len(g.seeds)), g.deploy_best.format(), g.deploy_last.format(), gain, aux,
+                     _time(g.train_time_s.mean)])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    right = {1, 2, 3, 6}
+    lines = []
+    for n, r in enumerate(rows):
+        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        lines.append("  ".join(cells).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
