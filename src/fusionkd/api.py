@@ -22,13 +22,17 @@ from torch import nn
 log = logging.getLogger("fusionkd")
 
 
-def train(method: str | None = None, model: str | None = None, dataset: str | None = None, *,
+def train(method: str | None = None, model: str | nn.Module | None = None, dataset: str | None = None, *,
           config: str | Path | None = None, overwrite: bool = False, stop_after: int | None = None,
           **overrides: Any):
     """Train a method and return its :class:`RunResult`.
 
     Args:
         method, model, dataset: registered names (``fusionkd list``); ``None`` keeps the default/config.
+            ``model`` (and the overrides ``teacher_model`` and ``models``) may also be a network *object*:
+            a zoo model, a :class:`~fusionkd.models.HookBackbone`, or a timm / torchvision-style module
+            whose stages are inferred (see :func:`fusionkd.models.register_module`, which names it
+            ``user-<classname>`` in the run).
         config: a YAML file of options (the same schema as the CLI's ``--config``).
         overwrite: replace an existing run folder of the same name.
         stop_after: train at most this many epochs in this call (the run stays resumable), e.g. for
@@ -43,7 +47,14 @@ def train(method: str | None = None, model: str | None = None, dataset: str | No
     """
     from .engine.config import resolve_config
     from .engine.trainer import Trainer
+    from .models.adapt import register_module
 
+    if isinstance(model, nn.Module):
+        model = register_module(model)
+    if isinstance(overrides.get("teacher_model"), nn.Module):
+        overrides["teacher_model"] = register_module(overrides["teacher_model"])
+    if isinstance(overrides.get("models"), (list, tuple)):
+        overrides["models"] = [register_module(m) if isinstance(m, nn.Module) else m for m in overrides["models"]]
     top = {k: v for k, v in {"method": method, "model": model, "dataset": dataset}.items() if v is not None}
     cfg = resolve_config(top, overrides, config_file=config)
     trainer = Trainer(cfg, overwrite=overwrite)
