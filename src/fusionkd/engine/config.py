@@ -483,12 +483,12 @@ def check_teacher_keys(cfg: Config, needs_teacher: bool) -> None:
              if getattr(cfg, k) is not None]
     if given and not needs_teacher:
         raise ConfigError(f"method {cfg.method!r} does not use a teacher; remove {', '.join(given)}")
-    if cfg.teacher and (cfg.teacher_model or cfg.teacher_weights):
-        raise ConfigError("give either teacher=CHECKPOINT (a fusionkd run) or teacher_model=NAME "
-                          "teacher_weights=FILE (a teacher from outside fusionkd), not both")
     if (cfg.teacher_weights or cfg.teacher_min_accuracy is not None) and not cfg.teacher_model:
         raise ConfigError("teacher_weights and teacher_min_accuracy go with teacher_model=NAME (the teacher's "
                           "architecture); with teacher=CHECKPOINT the checkpoint holds both")
+    if cfg.teacher and cfg.teacher_model:
+        raise ConfigError("give either teacher=CHECKPOINT (a fusionkd run) or teacher_model=NAME "
+                          "teacher_weights=FILE (a teacher from outside fusionkd), not both")
     if cfg.teacher_model:
         try:
             entry = MODELS.entry(cfg.teacher_model)

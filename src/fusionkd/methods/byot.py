@@ -50,6 +50,9 @@ def check_self_backbone(net: nn.Module, method: str) -> None:
     if not is_staged(net):
         raise ValueError(f"{method} reads stage maps, so it needs a zoo backbone or a module adapted with "
                          f"fusionkd.models.HookBackbone (stage names + head); got {type(net).__name__}")
+    if getattr(net, "pool", True) is False:
+        raise ValueError(f"{method} pools the deepest map before the head (as its branches do), so an adapted "
+                         "module needs HookBackbone(..., pool=True)")
     if net.num_stages < 2:
         raise ValueError(
             f"{method} attaches a branch after every non-final stage, so it needs a backbone with at least "
