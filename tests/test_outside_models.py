@@ -338,3 +338,23 @@ def test_nothing_imports_torchvision_or_timm():
             "fusionkd.compare; from fusionkd.models import create_model; create_model('imagenet_resnet50'); "
             "bad = [m for m in ('torchvision', 'timm') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# ----------------------------------------------------------------------------- presets
+def test_presets_are_listed_and_resolve_with_overrides(capsys):
+    from fusionkd.engine.config import resolve_config
+    from fusionkd.presets import list_presets
+
+    names = {p["name"]: p for p in list_presets()}
+    assert set(names) == {"frskd-tinyimagenet", "frskd-finegrained", "frskd-imagenet", "ffl-imagenet"}
+    assert all(p["description"] and p["source"] for p in names.values())
+    cfg = resolve_config({"epochs": 10, "milestones": None}, config_file="frskd-imagenet")  # default 50 %/75 %
+    assert (cfg.method, cfg.model, cfg.batch_size, cfg.image_size) == ("frskd", "imagenet_resnet18", 256, 224)
+    assert cfg.options == {"alpha": 1.0, "beta": 200.0} and cfg.epochs == 10 and cfg.milestones is None
+    fine = resolve_config(config_file="frskd-finegrained")
+    assert (fine.batch_size, fine.epochs, fine.milestones) == (32, 200, [100, 150])
+    assert resolve_config(config_file="ffl-imagenet").milestones == [30, 60]
+    with pytest.raises(ConfigError, match="nor is it a preset name: ffl-imagenet"):
+        resolve_config(config_file="frskd-imagenett")
+    assert main(["list"]) == 0
+    assert "frskd-finegrained" in capsys.readouterr().out

@@ -74,16 +74,18 @@ def _fit(trainer, stop_after: int | None):
 
 
 def list_registered() -> dict[str, list[dict[str, str]]]:
-    """``{"methods": [{name, family, description}], "models": [...], "datasets": [...]}``."""
+    """``{"methods": [{name, family, description}], "models": [...], "datasets": [...], "presets": [...]}``."""
     from .data import DATASETS
     from .methods import METHODS
     from .models import MODELS
+    from .presets import list_presets
 
     return {
         "methods": [{"name": e.name, "family": e.extras.get("family", ""), "description": e.description}
                     for e in METHODS.entries()],
         "models": [{"name": e.name, "description": e.description} for e in MODELS.entries()],
         "datasets": [{"name": e.name, "description": e.description} for e in DATASETS.entries()],
+        "presets": list_presets(),
     }
 
 

@@ -356,9 +356,15 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file's options; ``path`` may also be the name of a shipped preset (``fusionkd list``)."""
+    from ..presets import list_presets, preset_path
+
     p = Path(path)
+    if not p.is_file() and preset_path(str(path)) is not None:
+        p = preset_path(str(path))
     if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
+        names = ", ".join(x["name"] for x in list_presets())
+        raise ConfigError(f"config file {str(p)!r} does not exist (nor is it a preset name: {names})")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
