@@ -358,3 +358,39 @@ def test_presets_are_listed_and_resolve_with_overrides(capsys):
         resolve_config(config_file="frskd-imagenett")
     assert main(["list"]) == 0
     assert "frskd-finegrained" in capsys.readouterr().out
+
+
+def test_weights_file_into_an_adapted_module_and_rebuilding_a_user_run(tmp_path):
+    torch.manual_seed(0)
+    source = TVStyleResNet(num_classes=10)
+    path = tmp_path / "tv.pth"
+    torch.save(source.state_dict(), path)  # the module's own keys: conv1.weight ... fc.bias
+    net = HookBackbone(TVStyleResNet(num_classes=4), ["layer1", "layer2", "layer3", "layer4"], "fc",
+                       input_shape=(1, 16, 16))
+    report = load_weights_file(net, path)
+    assert "'fc' replaced" in report.replaced_classifier
+    assert torch.equal(net.module.layer3[0].weight, source.layer3[0].weight)
+    from fusionkd.models import MODELS, register_module
+
+    name = register_module(TVStyleResNet(), name="user-rebuild-test")
+    r = fusionkd.train(method="baseline", model=name, epochs=1, out_dir=str(tmp_path), name="u", **TINY)
+    del MODELS._entries[name]  # as in a new Python process
+    with pytest.raises(Exception, match=r"register it again .*register_module\(module, name='user-rebuild-test'\)"):
+        r.load_deploy_model()
+    with pytest.raises(ConfigError, match="register it again in this process"):
+        fusionkd.resume(r.run_dir, epochs=2)
+    register_module(TVStyleResNet(), name=name)
+    assert isinstance(r.load_deploy_model(), HookBackbone)
+    assert fusionkd.resume(r.run_dir, epochs=2).summary["epochs"] == 2
+
+
+def test_outside_teacher_run_evaluates_and_an_imagenet_student_exports(tmp_path, teacher_file):
+    r = fusionkd.train(method="kd", model="imagenet_resnet18", teacher_model="resnet20",
+                       teacher_weights=str(teacher_file), epochs=1, out_dir=str(tmp_path), name="kd",
+                       **TINY)  # 16 px: the teacher's size (at 32 px the synthetic images differ and it is refused)
+    ev = fusionkd.api.evaluate_checkpoint(r.run_dir / "best.pt")
+    assert ev["accuracy"]["net"] == pytest.approx(r.summary["best"]["test"]["net"])
+    out = fusionkd.api.export_checkpoint(r.run_dir / "best.pt", tmp_path / "student.pt2", onnx=False)
+    assert out["max_abs_diff"] < 1e-4
+    exported = torch.load(out["deploy"], weights_only=True)["deploy"]["state_dict"]
+    assert list(exported)[:2] == ["conv1.weight", "bn1.weight"] and "fc.weight" in exported  # torchvision keys

@@ -426,7 +426,10 @@ def validate(cfg: Config) -> None:
             MODELS.entry(m)
         DATASETS.entry(cfg.dataset)
     except UnknownNameError as e:
-        raise ConfigError(str(e)) from None
+        users = [m for m in [cfg.model, *(cfg.models or [])] if m.startswith("user-") and m not in MODELS]
+        hint = (f" ({users[0]!r} names a user module object: register it again in this process with "
+                f"fusionkd.models.register_module(module, name={users[0]!r}) before resuming)" if users else "")
+        raise ConfigError(f"{e}{hint}") from None
     _check_ranges(cfg)
     if cfg.warmup_epochs > cfg.epochs:
         raise ConfigError(f"warmup_epochs={cfg.warmup_epochs:g} is longer than the run (epochs={cfg.epochs})")

@@ -143,8 +143,13 @@ def load_weights_file(model: nn.Module, path: str | Path, *, replace_classifier:
     Raises:
         WeightsError: unreadable file, or keys missing / unexpected / of another shape (named).
     """
+    from .hook import HookBackbone
+
     state, kind, notes = read_state_dict(path)
     what = what or f"the {type(model).__name__}"
+    head = classifier_key(model)
+    if isinstance(model, HookBackbone):  # the file holds the wrapped module's own keys (``fc.weight``)
+        model, head = model.module, model.head_name
     own = model.state_dict()
     report = WeightsReport(str(path), kind, 0, notes=tuple(notes))
     conv = _first_conv_key(model, own)
@@ -158,7 +163,6 @@ def load_weights_file(model: nn.Module, path: str | Path, *, replace_classifier:
                 state[conv] = w.repeat(1, o.shape[1], 1, 1) / o.shape[1]
                 report.adapted_first_conv = (f"{conv}: 1 -> {o.shape[1]} input channels (repeated, divided by "
                                              f"{o.shape[1]})")
-    head = classifier_key(model)
     head_keys = [k for k in own if head is not None and k.startswith(head + ".")]
     if head_keys and any(k not in state or state[k].shape != own[k].shape for k in head_keys):
         file_shape = tuple(state[head_keys[0]].shape) if head_keys[0] in state else None
