@@ -394,3 +394,17 @@ def test_outside_teacher_run_evaluates_and_an_imagenet_student_exports(tmp_path,
     assert out["max_abs_diff"] < 1e-4
     exported = torch.load(out["deploy"], weights_only=True)["deploy"]["state_dict"]
     assert list(exported)[:2] == ["conv1.weight", "bn1.weight"] and "fc.weight" in exported  # torchvision keys
+
+
+def test_imagenet_normalisation_is_recorded_and_used_by_evaluation(tmp_path, teacher_run):
+    r = fusionkd.train(method="baseline", model="resnet20", normalize="imagenet", epochs=1, out_dir=str(tmp_path),
+                       name="n", **TINY)
+    data = load_checkpoint(r.run_dir / "best.pt")["data"]
+    assert data["mean"] == [0.449] and data["std"] == [0.226]  # grey data: the channel means (timm's)
+    ev = fusionkd.api.evaluate_checkpoint(r.run_dir / "best.pt")
+    assert ev["accuracy"]["net"] == pytest.approx(r.summary["best"]["test"]["net"])
+    with pytest.raises(ConfigError, match="normalisation mean/std"):  # a teacher normalised otherwise
+        fusionkd.train(method="kd", model="resnet20", normalize="imagenet", teacher=str(teacher_run.run_dir),
+                       epochs=1, out_dir=str(tmp_path), name="k", **TINY)
+    with pytest.raises(ConfigError, match="choose one of: data, imagenet"):
+        fusionkd.train(method="baseline", normalize="cifar", out_dir=str(tmp_path), **TINY)

@@ -101,6 +101,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, dataset: str | None = None, d
     from .data import DatasetInfo, DeviceLoader, load_dataset
     from .engine.checkpoint import build_deploy_model, load_checkpoint, load_weights_strict
     from .engine.config import Config, ConfigError, build_dataclass, resolve_device
+    from .engine.normalize import apply_normalize, normalize_of
     from .engine.trainer import build_method, check_teacher_matches
 
     if split not in ("test", "val"):
@@ -113,6 +114,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, dataset: str | None = None, d
                           val_fraction=cfg_d.get("val_fraction", 0.1), seed=cfg_d.get("data_seed", 0),
                           image_size=cfg_d.get("image_size"),
                           **(dict(cfg_d.get("dataset_options") or {}) if not dataset else {}))
+    splits = apply_normalize(splits, normalize_of(cfg_d))
     info: DatasetInfo = splits.info
     if dataset and dataset != ckpt["data"]["name"]:
         check_teacher_matches({"data": {**ckpt["data"], "name": info.name}}, info, f"checkpoint {checkpoint}")

@@ -57,6 +57,7 @@ class Config:
     subset: int | None = None  #: stratified training subset size (after the validation split)
     data_seed: int = 0  #: seed of the validation split and subset (fixed across run seeds)
     image_size: int | None = None  #: resize for imagefolder-like data
+    normalize: str = "data"  #: "data" (the training split's mean/std) or "imagenet" (for ImageNet weights)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # -- optimisation
     epochs: int = 30  #: length of the run; schedules and ramp-ups scale with it
@@ -111,6 +112,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "precision": ("fp32", "bf16", "fp16"),
     "lr_scale": ("none", "linear"),
     "progress": ("auto", "bar", "log", "none"),
+    "normalize": ("data", "imagenet"),
     "augment.padding_mode": ("zero", "reflect"),
 }
 
@@ -416,7 +418,7 @@ def validate(cfg: Config) -> None:
     from ..models import MODELS
     from ..registry import UnknownNameError
 
-    for key in ("optimizer", "schedule", "precision", "lr_scale", "progress"):
+    for key in ("optimizer", "schedule", "precision", "lr_scale", "progress", "normalize"):
         _choice(getattr(cfg, key), key)
     _choice(cfg.augment.padding_mode, "augment.padding_mode")
     try:

@@ -55,6 +55,7 @@ from .checkpoint import (
     storage_error,
 )
 from .config import Config, ConfigError, build_options
+from .normalize import apply_normalize
 from .optim import build_optimizer, build_scheduler
 from .progress import Progress
 from .rundir import RunLock, RunLockedError, clear_folder, folder_entries, has_finished_epoch
@@ -582,6 +583,7 @@ class Trainer:
             cfg.dataset, cfg.data_dir, download=cfg.download, val_fraction=cfg.val_fraction,
             subset=cfg.subset, seed=cfg.data_seed, image_size=cfg.image_size, **cfg.dataset_options,
         )
+        splits = apply_normalize(splits, cfg.normalize)
         info = splits.info
         for key, value in (("augment.cutout", cfg.augment.cutout), ("augment.crop_padding", cfg.augment.crop_padding)):
             if value > info.image_size:
