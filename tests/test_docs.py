@@ -61,3 +61,20 @@ def test_adding_a_method_example_runs(tmp_path, monkeypatch):
         METHODS._entries.pop("my_kd", None)
     with pytest.raises(Exception, match="unknown method 'my_kd'"):
         fusionkd.train(method="my_kd")
+
+
+@pytest.mark.parametrize("label", ["zoo name", "weights file", "module object"])
+def test_models_md_three_ways_in_examples_run(tmp_path, monkeypatch, label):
+    """docs/models.md's runnable example for each way in (zoo name, weights file, module object)."""
+    text = (ROOT / "docs" / "models.md").read_text()
+    code = re.search(rf"```python\n# example: {label}\n(.*?)```", text, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": f"models_md_{label.replace(' ', '_')}"}
+    exec(compile(code, f"docs/models.md ({label})", "exec"), namespace)
+    r = namespace["r"]
+    assert r.summary["finished"] and (tmp_path / "runs" / "docs").is_dir()
+    if label == "weights file":
+        assert "classifier 'fc' replaced" in (r.run_dir / "train.log").read_text()
+    if label == "module object":
+        assert r.summary["deploy_model"] == "user-smallresnetlike"
+        assert r.summary["heads"] == ["branch1", "branch2", "branch3", "net"]

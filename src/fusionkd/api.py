@@ -22,13 +22,17 @@ from torch import nn
 log = logging.getLogger("fusionkd")
 
 
-def train(method: str | None = None, model: str | None = None, dataset: str | None = None, *,
+def train(method: str | None = None, model: str | nn.Module | None = None, dataset: str | None = None, *,
           config: str | Path | None = None, overwrite: bool = False, stop_after: int | None = None,
           **overrides: Any):
     """Train a method and return its :class:`RunResult`.
 
     Args:
         method, model, dataset: registered names (``fusionkd list``); ``None`` keeps the default/config.
+            ``model`` (and the overrides ``teacher_model`` and ``models``) may also be a network *object*:
+            a zoo model, a :class:`~fusionkd.models.HookBackbone`, or a timm / torchvision-style module
+            whose stages are inferred (see :func:`fusionkd.models.register_module`, which names it
+            ``user-<classname>`` in the run).
         config: a YAML file of options (the same schema as the CLI's ``--config``).
         overwrite: replace an existing run folder of the same name.
         stop_after: train at most this many epochs in this call (the run stays resumable), e.g. for
@@ -43,7 +47,14 @@ def train(method: str | None = None, model: str | None = None, dataset: str | No
     """
     from .engine.config import resolve_config
     from .engine.trainer import Trainer
+    from .models.adapt import register_module
 
+    if isinstance(model, nn.Module):
+        model = register_module(model)
+    if isinstance(overrides.get("teacher_model"), nn.Module):
+        overrides["teacher_model"] = register_module(overrides["teacher_model"])
+    if isinstance(overrides.get("models"), (list, tuple)):
+        overrides["models"] = [register_module(m) if isinstance(m, nn.Module) else m for m in overrides["models"]]
     top = {k: v for k, v in {"method": method, "model": model, "dataset": dataset}.items() if v is not None}
     cfg = resolve_config(top, overrides, config_file=config)
     trainer = Trainer(cfg, overwrite=overwrite)
@@ -90,16 +101,18 @@ class _console_logging:
 
 
 def list_registered() -> dict[str, list[dict[str, str]]]:
-    """``{"methods": [{name, family, description}], "models": [...], "datasets": [...]}``."""
+    """``{"methods": [{name, family, description}], "models": [...], "datasets": [...], "presets": [...]}``."""
     from .data import DATASETS
     from .methods import METHODS
     from .models import MODELS
+    from .presets import list_presets
 
     return {
         "methods": [{"name": e.name, "family": e.extras.get("family", ""), "description": e.description}
                     for e in METHODS.entries()],
         "models": [{"name": e.name, "description": e.description} for e in MODELS.entries()],
         "datasets": [{"name": e.name, "description": e.description} for e in DATASETS.entries()],
+        "presets": list_presets(),
     }
 
 
@@ -115,6 +128,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, dataset: str | None = None, d
     from .data import DatasetInfo, DeviceLoader, load_dataset
     from .engine.checkpoint import build_deploy_model, load_checkpoint, load_weights_strict
     from .engine.config import Config, ConfigError, build_dataclass, resolve_device
+    from .engine.normalize import apply_normalize, normalize_of
     from .engine.trainer import build_method, check_teacher_matches
 
     if split not in ("test", "val"):
@@ -127,6 +141,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, dataset: str | None = None, d
                           val_fraction=cfg_d.get("val_fraction", 0.1), seed=cfg_d.get("data_seed", 0),
                           image_size=cfg_d.get("image_size"),
                           **(dict(cfg_d.get("dataset_options") or {}) if not dataset else {}))
+    splits = apply_normalize(splits, normalize_of(cfg_d))
     info: DatasetInfo = splits.info
     if dataset and dataset != ckpt["data"]["name"]:
         check_teacher_matches({"data": {**ckpt["data"], "name": info.name}}, info, f"checkpoint {checkpoint}")

@@ -191,6 +191,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         for e in sorted(reg[section], key=lambda e: e["name"]):
             fam = f"[{e['family']}] " if e.get("family") else ""
             print(f"  {e['name']:<16} {fam}{e['description']}")
+    print("presets (--config NAME; options given on the command line override them):")
+    for e in reg["presets"]:
+        print(f"  {e['name']:<22} {e['description']}\n  {'':<22} source: {e['source']}")
     return 0
 
 

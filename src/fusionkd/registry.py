@@ -47,6 +47,12 @@ class Registry(Generic[T]):
 
         return deco
 
+    def replace(self, name: str, obj: T, description: str = "", **extras: Any) -> T:
+        """Register ``obj`` under ``name``, replacing an earlier entry of that name (run-time registrations,
+        e.g. a user's model object)."""
+        self._entries[name] = Entry(name, obj, description, dict(extras))
+        return obj
+
     def get(self, name: str) -> T:
         return self.entry(name).obj
 

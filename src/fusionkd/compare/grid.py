@@ -211,7 +211,7 @@ def _stored_config(run_dir: Path) -> dict[str, Any] | None:
 
 
 def _norm(key: str, value: Any) -> str:
-    if key == "teacher" and value:
+    if key in ("teacher", "teacher_weights", "weights") and value:
         value = str(Path(value).resolve())
     return json.dumps(value, sort_keys=True, default=str)
 
@@ -286,13 +286,19 @@ def plan(spec: CompareSpec) -> tuple[Task | None, list[Task]]:
         if key in common:
             raise ConfigError(f"{key}= cannot be a common option of a comparison: {hint}")
     teacher_path = common.pop("teacher", None)
+    # a teacher from outside fusionkd (teacher_model=NAME teacher_weights=FILE) goes to the offline runs only
+    outside = {k: common.pop(k) for k in ("teacher_model", "teacher_weights", "teacher_min_accuracy") if k in common}
+    if outside.get("teacher_weights"):
+        outside["teacher_weights"] = str(Path(outside["teacher_weights"]).resolve())
     offline = [m for m in spec.methods if METHODS.get(m).needs_teacher]
-    if teacher_path and spec.teacher_model:
-        raise ConfigError("give either teacher=PATH or --teacher-model NAME, not both")
-    if offline and not (teacher_path or spec.teacher_model):
+    if sum(bool(x) for x in (teacher_path, spec.teacher_model, outside)) > 1:
+        raise ConfigError("give one teacher, not both: teacher=PATH, --teacher-model NAME (trained here first), or "
+                          "teacher_model=NAME teacher_weights=FILE (from outside fusionkd)")
+    if offline and not (teacher_path or spec.teacher_model or outside):
         raise ConfigError(
             f"offline method(s) {', '.join(offline)} distil from a pre-trained teacher: pass teacher=PATH (a "
-            "best.pt of `fusionkd train --method baseline ...`) or --teacher-model NAME to train one first"
+            "best.pt of `fusionkd train --method baseline ...`), --teacher-model NAME to train one first, or "
+            "teacher_model=NAME teacher_weights=FILE for a teacher from outside fusionkd"
         )
     if teacher_path and not Path(teacher_path).is_file():
         raise ConfigError(f"teacher={teacher_path!r} does not exist")
@@ -323,6 +329,7 @@ def plan(spec: CompareSpec) -> tuple[Task | None, list[Task]]:
                                  "out_dir": str(runs_dir), "name": f"{model}/{method}/s{seed}"}
         if needs:
             layer["teacher"] = str(Path(teacher_path).resolve()) if teacher_path else None
+            layer.update(outside)
         cfg = resolve_config(common, spec.method_options.get(method, {}), layer, config_file=spec.config_file)
         label = f"[{i}/{len(grid)}] {method} {model} seed {seed}"
         tasks.append(Task(label, cfg, method, model, seed, index=i, needs_teacher=needs))

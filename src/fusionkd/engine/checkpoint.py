@@ -281,7 +281,9 @@ def build_deploy_model(ckpt: dict[str, Any]) -> nn.Module:
         model = create_model(dep["model"], num_classes=len(data["classes"]), in_chans=int(data["in_chans"]),
                              **dict(dep.get("model_kwargs") or {}))
     except UnknownNameError as e:
-        raise CheckpointError(f"the checkpoint's deployed network: {e}") from None
+        hint = (f" (a user module: register it again first, fusionkd.models.register_module(module, "
+                f"name={dep['model']!r}))" if str(dep["model"]).startswith("user-") else "")
+        raise CheckpointError(f"the checkpoint's deployed network: {e}{hint}") from None
     load_weights_strict(model, dep["state_dict"], f"a {dep['model']!r} for {len(data['classes'])} classes and "
                         f"{data['in_chans']} input channels (as the checkpoint's metadata says)")
     model.eval()

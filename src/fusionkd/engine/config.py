@@ -43,6 +43,10 @@ class Config:
     model: str = "resnet20"  #: zoo name of the main network (student / deployed network)
     models: list[str] | None = None  #: peer networks of online methods (heterogeneous FFL)
     teacher: str | None = None  #: checkpoint of a pre-trained teacher (offline methods)
+    teacher_model: str | None = None  #: instead of teacher: a model name for a teacher from outside fusionkd
+    teacher_weights: str | None = None  #: weights file of teacher_model (.pth/.pt/.safetensors/checkpoint)
+    teacher_min_accuracy: float | None = None  #: refuse an outside teacher below this val accuracy (%)
+    weights: str | None = None  #: weights file that initialises the deployed network (or every peer)
     options: dict[str, Any] = field(default_factory=dict)  #: the method's own options
     # -- data
     dataset: str = "fashion-mnist"  #: registered dataset name (``fusionkd list``)
@@ -53,6 +57,7 @@ class Config:
     subset: int | None = None  #: stratified training subset size (after the validation split)
     data_seed: int = 0  #: seed of the validation split and subset (fixed across run seeds)
     image_size: int | None = None  #: resize for imagefolder-like data
+    normalize: str = "data"  #: "data" (the training split's mean/std) or "imagenet" (for ImageNet weights)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # -- optimisation
     epochs: int = 30  #: length of the run; schedules and ramp-ups scale with it
@@ -109,6 +114,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "lr_scale": ("none", "linear"),
     "progress": ("auto", "bar", "log", "none"),
     "eval_test": ("end", "every"),
+    "normalize": ("data", "imagenet"),
     "augment.padding_mode": ("zero", "reflect"),
 }
 
@@ -162,6 +168,7 @@ RANGES: dict[str, Range] = {
     "warmup_epochs": Range(0.0, None, why="0 disables the warm-up; at most epochs"),
     "grad_clip": Range(0.0, None, lo_open=True, why="a positive maximum gradient norm; leave unset for none"),
     "threads": Range(1, 4096),
+    "teacher_min_accuracy": Range(0.0, 100.0, why="validation accuracy in percent; unset = better than chance"),
     "seed": Range(0, 2**63 - 1),
     "eval_every": Range(1, None),
     "eval_batch_size": Range(1, None),
@@ -353,9 +360,15 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file's options; ``path`` may also be the name of a shipped preset (``fusionkd list``)."""
+    from ..presets import list_presets, preset_path
+
     p = Path(path)
+    if not p.is_file() and preset_path(str(path)) is not None:
+        p = preset_path(str(path))
     if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
+        names = ", ".join(x["name"] for x in list_presets())
+        raise ConfigError(f"config file {str(p)!r} does not exist (nor is it a preset name: {names})")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
@@ -389,6 +402,7 @@ def resolve_config(
         recipe = dict(getattr(METHODS.get(method_name), "recipe", {}) or {})
     cfg = build_dataclass(Config, deep_merge(nest(recipe), user))
     validate(cfg)
+    check_files(cfg)
     return cfg
 
 
@@ -406,7 +420,7 @@ def validate(cfg: Config) -> None:
     from ..models import MODELS
     from ..registry import UnknownNameError
 
-    for key in ("optimizer", "schedule", "precision", "lr_scale", "progress", "eval_test"):
+    for key in ("optimizer", "schedule", "precision", "lr_scale", "progress", "eval_test", "normalize"):
         _choice(getattr(cfg, key), key)
     _choice(cfg.augment.padding_mode, "augment.padding_mode")
     try:
@@ -416,7 +430,10 @@ def validate(cfg: Config) -> None:
             MODELS.entry(m)
         DATASETS.entry(cfg.dataset)
     except UnknownNameError as e:
-        raise ConfigError(str(e)) from None
+        users = [m for m in [cfg.model, *(cfg.models or [])] if m.startswith("user-") and m not in MODELS]
+        hint = (f" ({users[0]!r} names a user module object: register it again in this process with "
+                f"fusionkd.models.register_module(module, name={users[0]!r}) before resuming)" if users else "")
+        raise ConfigError(f"{e}{hint}") from None
     _check_ranges(cfg)
     if cfg.warmup_epochs > cfg.epochs:
         raise ConfigError(f"warmup_epochs={cfg.warmup_epochs:g} is longer than the run (epochs={cfg.epochs})")
@@ -446,13 +463,13 @@ def validate(cfg: Config) -> None:
     if cfg.precision == "fp16" and resolved.type != "cuda":
         raise ConfigError("precision=fp16 needs a CUDA device; on CPU use precision=bf16 or fp32")
     # method-specific checks
-    if method_cls.needs_teacher and not cfg.teacher:
+    if method_cls.needs_teacher and not (cfg.teacher or cfg.teacher_model):
         raise ConfigError(
             f"method {cfg.method!r} distils from a pre-trained teacher: pass --teacher CHECKPOINT "
-            f"(a best.pt/last.pt from `fusionkd train --method baseline ...`)"
+            f"(a best.pt/last.pt from `fusionkd train --method baseline ...`), or teacher_model=NAME "
+            f"teacher_weights=FILE for a teacher from outside fusionkd"
         )
-    if cfg.teacher and not method_cls.needs_teacher:
-        raise ConfigError(f"method {cfg.method!r} does not use a teacher; remove --teacher")
+    check_teacher_keys(cfg, method_cls.needs_teacher)
     if cfg.models and not getattr(method_cls, "accepts_models", False):
         accepting = [e.name for e in METHODS.entries() if getattr(e.obj, "accepts_models", False)]
         raise ConfigError(
@@ -468,6 +485,50 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"dataset {cfg.dataset!r} has no option(s) {', '.join(unknown)}; accepted "
                           f"dataset_options: {', '.join(accepted) or '(none)'}")
     build_options(method_cls, cfg.options, cfg.method)
+
+
+def check_teacher_keys(cfg: Config, needs_teacher: bool) -> None:
+    """The teacher keys: one source only, names that exist, weights where they are needed."""
+    from ..models import MODELS
+    from ..registry import UnknownNameError
+
+    given = [k for k in ("teacher", "teacher_model", "teacher_weights", "teacher_min_accuracy")
+             if getattr(cfg, k) is not None]
+    if given and not needs_teacher:
+        raise ConfigError(f"method {cfg.method!r} does not use a teacher; remove {', '.join(given)}")
+    if (cfg.teacher_weights or cfg.teacher_min_accuracy is not None) and not cfg.teacher_model:
+        raise ConfigError("teacher_weights and teacher_min_accuracy go with teacher_model=NAME (the teacher's "
+                          "architecture); with teacher=CHECKPOINT the checkpoint holds both")
+    if cfg.teacher and cfg.teacher_model:
+        raise ConfigError("give either teacher=CHECKPOINT (a fusionkd run) or teacher_model=NAME "
+                          "teacher_weights=FILE (a teacher from outside fusionkd), not both")
+    if cfg.teacher_model:
+        try:
+            entry = MODELS.entry(cfg.teacher_model)
+        except UnknownNameError as e:
+            raise ConfigError(f"teacher_model: {e}") from None
+        if not entry.extras.get("user") and not cfg.teacher_weights:
+            raise ConfigError(f"teacher_model={cfg.teacher_model!r} is a zoo model and needs teacher_weights=FILE "
+                              "(its trained weights); a freshly initialised teacher teaches nothing")
+
+
+def check_files(cfg: Config) -> None:
+    """Weights files named by a new run must exist and be of an accepted kind (not re-checked on resume,
+    where the checkpoint holds the weights)."""
+    from ..models.weights import WEIGHT_SUFFIXES
+
+    for key in ("weights", "teacher_weights"):
+        value = getattr(cfg, key)
+        if value is None:
+            continue
+        p = Path(value)
+        if not p.is_file():
+            raise ConfigError(f"{key}={value!r} does not exist (expected a weights file: "
+                              f"{', '.join(WEIGHT_SUFFIXES)}, or a fusionkd checkpoint)")
+        if p.suffix not in WEIGHT_SUFFIXES:
+            raise ConfigError(f"{key}={value!r}: files ending in {p.suffix or '(nothing)'} are not read; accepted: "
+                              f"{', '.join(WEIGHT_SUFFIXES)} (a torch.save'd state dict, safetensors, or a fusionkd "
+                              "checkpoint)")
 
 
 def build_options(method_cls: type, options: dict[str, Any], method_name: str) -> Any:

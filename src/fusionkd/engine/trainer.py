@@ -36,6 +36,7 @@ from torch import nn
 from .. import __version__
 from ..data import DataFormatError, DatasetInfo, DatasetNotFoundError, DataSplits, DeviceLoader, load_dataset
 from ..methods import METHODS, Method, MethodContext, Teacher, count_parameters
+from ..models import WeightsError
 from . import distributed as D
 from .checkpoint import (
     FORMAT,
@@ -55,6 +56,7 @@ from .checkpoint import (
     storage_error,
 )
 from .config import Config, ConfigError, build_options
+from .normalize import apply_normalize
 from .optim import build_optimizer, build_scheduler
 from .progress import Progress
 from .rundir import RunLock, RunLockedError, clear_folder, folder_entries, has_finished_epoch
@@ -230,19 +232,27 @@ def _teacher_from_meta(meta: dict[str, Any], info: DatasetInfo, device: torch.de
 
 
 def build_method(cfg: Config, info: DatasetInfo, device: torch.device,
-                 teacher_meta: dict[str, Any] | None = None) -> Method:
-    """Construct the configured method for data ``info`` (loading the teacher when it needs one)."""
+                 teacher_meta: dict[str, Any] | None = None, load_weights: bool = False) -> Method:
+    """Construct the configured method for data ``info`` (loading the teacher when it needs one).
+
+    ``load_weights``: initialise the networks from ``cfg.weights`` (a new run; a resumed or evaluated one
+    gets its weights from the checkpoint)."""
     method_cls = METHODS.get(cfg.method)
     options = build_options(method_cls, cfg.options, cfg.method)
     teacher = None
     if method_cls.needs_teacher:
         if teacher_meta is not None:
             teacher = _teacher_from_meta(teacher_meta, info, device)
+        elif cfg.teacher_model:
+            from .teachers import load_outside_teacher
+
+            teacher = load_outside_teacher(cfg, info, device)
         else:
             teacher = load_teacher(cfg.teacher, info, device, cfg)
     ctx = MethodContext(
         model=cfg.model, models=list(cfg.models or []), num_classes=len(info.classes), in_chans=info.in_chans,
         image_size=info.image_size, epochs=cfg.epochs, teacher=teacher,
+        weights=cfg.weights if load_weights else None,
     )
     method = method_cls(ctx, options)
     return method.to(device)
@@ -587,6 +597,7 @@ class Trainer:
             cfg.dataset, cfg.data_dir, download=cfg.download, val_fraction=cfg.val_fraction,
             subset=cfg.subset, seed=cfg.data_seed, image_size=cfg.image_size, **cfg.dataset_options,
         )
+        splits = apply_normalize(splits, cfg.normalize)
         info = splits.info
         for key, value in (("augment.cutout", cfg.augment.cutout), ("augment.crop_padding", cfg.augment.crop_padding)):
             if value > info.image_size:
@@ -594,7 +605,10 @@ class Trainer:
                                   f"{cfg.dataset}; accepted 0..{info.image_size}")
         ckpt = self.resume_ckpt
         teacher_meta = (ckpt or {}).get("teacher")
-        method = build_method(cfg, info, device, teacher_meta=teacher_meta)
+        try:
+            method = build_method(cfg, info, device, teacher_meta=teacher_meta, load_weights=ckpt is None)
+        except WeightsError as e:
+            raise ConfigError(f"weights: {e}") from None
         if cfg.sync_bn and dist_info.enabled:
             method = D.convert_sync_batchnorm(method, device)
         if cfg.channels_last:
@@ -657,7 +671,11 @@ class Trainer:
                  device, cfg.precision, torch.get_num_threads(),
                  f"; rank {dist_info.rank} of {dist_info.world_size}, global batch "
                  f"{cfg.batch_size * dist_info.world_size}, lr {lr:g}" if dist_info.enabled else "")
-        if method.ctx.teacher is not None:
+        if method.ctx.teacher is not None and ckpt is None and cfg.teacher_model:
+            from .teachers import check_teacher
+
+            check_teacher(method.ctx.teacher, splits, cfg, device, amp, cfg.eval_batch_size)
+        elif method.ctx.teacher is not None:
             acc = method.ctx.teacher.meta.get("test_accuracy")
             log.info("teacher %s (%s), recorded test accuracy %s", method.ctx.teacher.model_name,
                      method.ctx.teacher.meta.get("path"), f"{acc:.2f}%" if acc is not None else "n/a")

@@ -80,6 +80,9 @@ class OfflineMethod(NetDeployment, Method):
                 "model": t.model_name if t is not None else None,
                 "path": meta.get("path"),
                 "recorded_test_accuracy": meta.get("test_accuracy"),
+                "source": meta.get("source", "teacher"),
+                "weights": meta.get("weights"),
+                "check": meta.get("check"),
                 "parameters": sum(p.numel() for p in self.teacher.parameters()),
             }
         }

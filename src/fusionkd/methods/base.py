@@ -20,6 +20,7 @@ folder, so nothing else has to be edited.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -28,6 +29,8 @@ from torch import nn
 
 from ..models import create_model
 from ..registry import Registry
+
+log = logging.getLogger("fusionkd")
 
 METHODS: Registry[type[Method]] = Registry("method")
 
@@ -76,6 +79,9 @@ class MethodContext:
         epochs: length of the run, for schedules inside a method (ramp-ups, stage lengths).
         model_kwargs: extra keyword arguments for every ``create_model`` call.
         teacher: the frozen teacher for offline methods, else ``None``.
+        weights: a weights file (config ``weights=``) that initialises every network of the main
+            architecture ``model`` that :meth:`create` makes (the student, every peer, the self methods'
+            network), see :func:`fusionkd.models.load_weights_file`; ``None`` for a fresh initialisation.
     """
 
     model: str
@@ -86,12 +92,25 @@ class MethodContext:
     models: list[str] = field(default_factory=list)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     teacher: Teacher | None = None
+    weights: str | None = None
+    #: what loading ``weights`` did, the first time (logged once, kept for the summary)
+    weights_report: Any = None
 
-    def create(self, name: str | None = None) -> nn.Module:
-        """Create a zoo backbone for this data (``name`` defaults to the main model)."""
-        return create_model(
+    def create(self, name: str | None = None, pretrained: bool = True) -> nn.Module:
+        """Create a network of zoo name ``name`` (default: the main model) for this data, initialised from
+        ``weights`` when it is of the main architecture and ``pretrained`` (the default; ``False`` for a
+        network whose weights are overwritten at once, e.g. a deploy network assembled from branches)."""
+        net = create_model(
             name or self.model, num_classes=self.num_classes, in_chans=self.in_chans, **self.model_kwargs
         )
+        if self.weights and pretrained and (name or self.model) == self.model:
+            from ..models.weights import load_weights_file
+
+            report = load_weights_file(net, self.weights, what=f"the {name or self.model!r} of this run")
+            if self.weights_report is None:
+                self.weights_report = report
+                log.info("weights=%s: %s", self.weights, report.describe())
+        return net
 
 
 class Method(nn.Module):

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import Backbone, ClassifierHead, StageInfo
+from ..models import StageInfo, is_staged
 from ..models.layers import init_weights
 from .base import Method, MethodContext, NetDeployment, register_method
 from .losses import kl_div
@@ -45,9 +45,14 @@ def stage_sizes(stage_info: list[StageInfo], image_size: int) -> list[int]:
 
 
 def check_self_backbone(net: nn.Module, method: str) -> None:
-    """Self-distillation needs a zoo backbone with at least two stages and a :class:`ClassifierHead`."""
-    if not isinstance(net, Backbone) or not isinstance(net.head, ClassifierHead):
-        raise ValueError(f"{method} needs a zoo backbone with a ClassifierHead, got {type(net).__name__}")
+    """Self-distillation needs a network on the stage contract (a zoo backbone, or a user module adapted
+    with :class:`~fusionkd.models.HookBackbone`) with at least two stages."""
+    if not is_staged(net):
+        raise ValueError(f"{method} reads stage maps, so it needs a zoo backbone or a module adapted with "
+                         f"fusionkd.models.HookBackbone (stage names + head); got {type(net).__name__}")
+    if getattr(net, "pool", True) is False:
+        raise ValueError(f"{method} pools the deepest map before the head (as its branches do), so an adapted "
+                         "module needs HookBackbone(..., pool=True)")
     if net.num_stages < 2:
         raise ValueError(
             f"{method} attaches a branch after every non-final stage, so it needs a backbone with at least "
@@ -93,7 +98,7 @@ class BottleneckBranch(nn.Module):
         return self.expand(self.down_bn(y))
 
 
-def build_branches(net: Backbone, image_size: int, num_classes: int) -> tuple[nn.ModuleList, nn.ModuleList]:
+def build_branches(net: nn.Module, image_size: int, num_classes: int) -> tuple[nn.ModuleList, nn.ModuleList]:
     """One :class:`BottleneckBranch` and one ``Linear(num_features, num_classes)`` per non-final stage."""
     sizes = stage_sizes(net.stage_info, image_size)
     width = net.num_features
@@ -110,12 +115,12 @@ def gap(x: torch.Tensor) -> torch.Tensor:
     return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
 
 
-def deepest_map(head: ClassifierHead, last: torch.Tensor) -> torch.Tensor:
+def deepest_map(head: nn.Module, last: torch.Tensor) -> torch.Tensor:
     """The map the backbone's head pools: ``head.pre(last)`` (the final BN-ReLU of a WRN, else identity)."""
     return head.pre(last)
 
 
-def head_logits(head: ClassifierHead, pooled: torch.Tensor) -> torch.Tensor:
+def head_logits(head: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
     """The rest of the head after pooling: ``fc(dropout(pooled))``, so ``head_logits(head, gap(pre(x))) ==
     head(x)`` without running ``pre`` (and its BN statistics) twice."""
     return head.fc(head.dropout(pooled))

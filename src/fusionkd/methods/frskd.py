@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import Backbone
+from ..models import is_staged
 from .base import Method, MethodContext, NetDeployment, register_method
 from .losses import attention_transfer, kl_div
 
@@ -233,8 +233,9 @@ class FRSKD(NetDeployment, Method):
     def __init__(self, ctx: MethodContext, options: FRSKDOptions | None = None) -> None:
         super().__init__(ctx, options)
         self.net = ctx.create()
-        if not isinstance(self.net, Backbone) or self.net.num_stages < 2:
-            raise ValueError(f"frskd needs a zoo backbone with at least two stages, got {ctx.model!r}")
+        if not is_staged(self.net) or len(self.net.stage_info) < 2:
+            raise ValueError(f"frskd needs a network on the stage contract (a zoo backbone, or a module adapted "
+                             f"with fusionkd.models.HookBackbone) with at least two stages, got {ctx.model!r}")
         o = self.options
         self.teacher = SelfTeacher(
             [s.channels for s in self.net.stage_info], ctx.num_classes, o.width, o.depth, o.upsample

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from ..models import Backbone
+from ..models import Backbone, is_staged
 from .base import MethodContext
 
 
@@ -197,8 +197,15 @@ class PeerNetworks(nn.Module):
         self.uniform = len(set(self.names)) == 1
         backbones = [ctx.create(n) for n in self.names]
         for name, net in zip(self.names, backbones):
-            if not isinstance(net, Backbone):
-                raise ValueError(f"{name!r} is not a zoo Backbone; online methods need stages and split()")
+            if not is_staged(net):
+                raise ValueError(f"{name!r} is not on the stage contract; online methods need a zoo backbone or "
+                                 "a module adapted with fusionkd.models.HookBackbone")
+            if shared_trunk and not isinstance(net, Backbone):
+                raise ValueError(
+                    f"{name!r} ({type(net).__name__}) is an adapted user module; a shared trunk with copied "
+                    "last-stage branches (ffl_s, one) needs a zoo Backbone that can be split into trunk and tail "
+                    "(hooks see a module's stage outputs, not the code between them). Use ffl (independent "
+                    "sub-networks), dml or mfef with this module, or a zoo model / Backbone subclass")
         if shared_trunk:
             if not self.uniform:
                 raise ValueError(
@@ -274,7 +281,7 @@ class PeerNetworks(nn.Module):
         member = self.members[k]
         if self.trunk is None:
             return member
-        net = self.ctx.create(self.names[k])
+        net = self.ctx.create(self.names[k], pretrained=False)
         state = dict(self.trunk.state_dict())
         for key, value in member.state_dict().items():
             if key.startswith("stages."):

@@ -82,6 +82,8 @@ class Backbone(nn.Module):
     stem: nn.Module
     stages: nn.ModuleList
     head: ClassifierHead
+    #: dotted state-dict prefix of the final linear layer (``weights=`` replaces it for another class count)
+    classifier_key = "head.fc"
 
     def __init__(self, num_classes: int, in_chans: int) -> None:
         super().__init__()

@@ -40,6 +40,9 @@ class HookHead(nn.Module):
         self.fc = head
         self.pool = pool
         self.num_features = num_features
+        # ClassifierHead's other two parts, as the self methods use them: nothing before pooling or the head
+        self.pre = nn.Identity()
+        self.dropout = nn.Identity()
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W) -> (B, C)`` when pooling, else ``x`` unchanged."""
@@ -116,6 +119,11 @@ class HookBackbone(nn.Module):
         return self._num_features
 
     @property
+    def classifier_key(self) -> str:
+        """State-dict prefix of the head (``module.<head_name>``), for weights files."""
+        return f"module.{self.head_name}"
+
+    @property
     def head(self) -> HookHead:
         """The head seen as a :class:`~fusionkd.models.base.ClassifierHead` (``pooled``, ``fc``)."""
         return HookHead(self._submodule(self.head_name), self.pool, self.num_features)
@@ -137,9 +145,11 @@ class HookBackbone(nn.Module):
     def split(self, at_stage: int) -> tuple[nn.Module, nn.Module]:
         """Not available: a hooked module has no trunk/tail structure to cut."""
         raise TypeError(  # permanent: no trunk/tail structure exists to cut
-            "a HookBackbone (an adapted user module) cannot be split into trunk and tail; methods that "
-            "grow branches on a shared trunk (FFL-S, ONE) need a zoo backbone from "
-            "fusionkd.models.create_model or a fusionkd.models.Backbone subclass"
+            "a HookBackbone (an adapted user module) cannot be split into trunk and tail: hooks see its stage "
+            "outputs but not the code between them, so there is no tail to copy. Methods that grow branches on "
+            "a shared trunk (ffl_s, one) need a zoo backbone (fusionkd.models.create_model) or a "
+            "fusionkd.models.Backbone subclass; every other method (baseline, kd, fitnet, at, mfkd, dml, ffl, "
+            "mfef, frskd, byot, fmfsd) accepts an adapted module"
         )
 
     # ----------------------------------------------------------------- internals
