@@ -85,7 +85,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, dataset: str | None = None, d
     A training checkpoint (``best.pt``/``last.pt``) evaluates every head of its method; a deploy file
     from ``fusionkd export`` evaluates the deployed network.
     """
-    from .data import DatasetInfo, DeviceLoader, load_dataset
+    from .data import DatasetInfo, load_dataset, make_loader
     from .engine.checkpoint import build_deploy_model, load_checkpoint, load_weights_strict
     from .engine.config import Config, ConfigError, build_dataclass, resolve_device
     from .engine.trainer import build_method, check_teacher_matches
@@ -108,7 +108,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, dataset: str | None = None, d
     data = splits.test if split == "test" else splits.val
     if data is None:
         raise ConfigError("split=val asked for, but the checkpoint's run had no validation split (val_fraction=0)")
-    loader = DeviceLoader(data, info, batch_size=batch_size, train=False, device=dev)
+    loader = make_loader(data, info, batch_size=batch_size, train=False, device=dev)
 
     if ckpt["format"].endswith("-deploy") or not ckpt.get("method_state"):
         net = build_deploy_model(ckpt).to(dev)
