@@ -129,7 +129,7 @@ def prepare_store(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     workers: int = 1,
-    shard_bytes: int = SHARD_BYTES,
+    shard_bytes: int | None = None,
     progress: ProgressFn | None = None,
 ) -> Path:
     """Decode ``splits`` (split name -> image files, in order) into a store at ``store_dir``; resumable.
@@ -143,7 +143,7 @@ def prepare_store(
         mean, std: per-channel statistics to record; None computes them exactly from the ``train`` split's
             stored pixels.
         workers: decoding threads.
-        shard_bytes: target size of a shard file.
+        shard_bytes: target size of a shard file (default :data:`SHARD_BYTES`, 64 MiB).
         progress: called as ``progress(images_done, images_total)`` after every shard.
 
     Returns:
@@ -155,7 +155,7 @@ def prepare_store(
     """
     root = Path(store_dir)
     per_image = 3 * resolution * resolution
-    shard_size = max(1, shard_bytes // per_image)
+    shard_size = max(1, (shard_bytes or SHARD_BYTES) // per_image)
     plan = {
         "format": STORE_FORMAT, "version": STORE_VERSION, "dataset": dataset, "resolution": resolution,
         "channels": 3, "fingerprint": fingerprint, "classes": list(classes), "shard_size": shard_size,
