@@ -374,3 +374,44 @@ def test_train_api_imagenet_and_compare_cub200(trees, tmp_path):
     args[1:1] = ["--threads", "1"]
     assert main(args) == 0
     assert (tmp_path / "cmp/results.csv").is_file()
+
+
+# ------------------------------------------------------------------------------------- torchrun
+
+
+def _torchrun(args: list[str]) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    cmd = [torchrun, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{HERE.parent / 'src'}{os.pathsep}{HERE}"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_torchrun_ranks_read_only_their_share_of_one_store(trees, tmp_path):
+    store = tmp_path / "store"
+    out = tmp_path / "out"
+    out.mkdir()
+    _torchrun([str(HERE / "store_rank_worker.py"), str(trees), str(store), str(out)])  # both ranks race to prepare
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    s = load_dataset("tinyimagenet", trees, store_dir=str(store), val_fraction=0.25)
+    n = len(s.train)
+    for epoch in range(2):
+        a, b = (set(r["served"][epoch]) for r in ranks)
+        assert not a & b and len(a) == len(b) == 2 * ranks[0]["batches"] and len(a | b) <= n  # disjoint, equal
+        for r in range(2):  # what a rank serves is what the same loader computes alone for that rank
+            ref = StoreLoader(s.train, s.info, 2, train=True, seed=7, rank=r, world_size=2).plan(epoch)[0]
+            assert ranks[r]["served"][epoch] == ref.tolist()
+    for r in ranks:  # each rank read exactly the images of its own batches, nothing else
+        assert r["reads"] == 2 * r["batches"] * 2
+    # and a real DDP training run on the store: parameters stay identical on both ranks
+    settings = dict(model="resnet20", dataset="tinyimagenet", data_dir=str(trees), val_fraction=0.25, batch_size=4,
+                    eval_batch_size=8, dataset_options={"store_dir": str(store)}, epochs=1, lr=0.05,
+                    schedule="constant", progress="none", threads=1, seed=3, out_dir=str(tmp_path / "runs"))
+    _torchrun([str(HERE / "ddp_worker.py"), json.dumps(settings), str(out)])
+    p0, p1 = (torch.load(out / f"rank{r}.pt", weights_only=True)["params"] for r in range(2))
+    assert p0.keys() == p1.keys() and all(torch.equal(p0[k], p1[k]) for k in p0)
