@@ -135,7 +135,7 @@ def main() -> None:
                 PILDataset(files, size, mode), batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
                 persistent_workers=True)
         rates: dict = {k: [] for k in variants}
-        for k, loader in variants.items():
+        for loader in variants.values():
             epoch_rate(loader, [0])  # warm-up (starts the DataLoader's workers)
         for r in range(args.repeats):
             for k, loader in variants.items():

@@ -112,6 +112,26 @@ def test_imagenet_val_layouts(trees, tmp_path, layout):
     assert s.info.mean == pytest.approx((0.485, 0.456, 0.406))
 
 
+def test_imagefolder_store_storage_matches_memory(tmp_path):
+    from official_trees import class_image
+
+    root = tmp_path / "folder"
+    for split, n in (("train", 4), ("test", 2)):
+        for c in range(2):
+            (root / split / f"k{c}").mkdir(parents=True)
+            for k in range(n):
+                class_image(c, k, (50 + 9 * k, 40)).save(root / split / f"k{c}" / f"{k}.jpg")
+    mem = load_dataset("imagefolder", root, val_fraction=0, cache_dir=tmp_path / "c")
+    st = load_dataset("imagefolder", root, val_fraction=0, storage="store", cache_dir=tmp_path / "c")
+    assert isinstance(mem.train, ArrayDataset) and not isinstance(st.train, ArrayDataset)
+    assert next((tmp_path / "c").glob("store-imagefolder-*/manifest.json"))  # found in the cache location
+    for a, b in ((mem.train, st.train), (mem.test, st.test)):
+        assert torch.equal(a.labels, b.labels)
+        assert np.array_equal(a.images.numpy(), b.read(np.arange(len(b))))
+    with pytest.raises(ValueError, match="crop='pad' trains on the stored images at their own size"):
+        load_dataset("imagefolder", root, storage="store", store_size=40, cache_dir=tmp_path / "c")
+
+
 def test_layout_errors_name_the_file(trees, tmp_path):
     root = _copy(trees, "CUB_200_2011", tmp_path)
     victim = sorted((root / "CUB_200_2011/images").rglob("*.jpg"))[0]

@@ -765,6 +765,9 @@ def _materialise(req: LoadRequest, files: FileSplits, opts: StoreOptions, defaul
     if out_size > resolution:
         raise ValueError(f"{req.name}: image_size={out_size} is larger than the stored {resolution} px "
                          f"(store_size); raise store_size or lower image_size")
+    if opts.crop == "pad" and resolution != out_size:
+        raise ValueError(f"{req.name}: crop='pad' trains on the stored images at their own size, but store_size="
+                         f"{resolution} and image_size={out_size}; make them equal or use crop='random-resized'")
     key = store_fingerprint(req.name, files, resolution)
     path = _store_path(req, files.root, opts, resolution, key)
     with store_lock(path):
