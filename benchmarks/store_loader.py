@@ -88,7 +88,7 @@ class PILDataset(Dataset):
                 arr = np.asarray(im.resize((self.out, self.out), Image.BILINEAR, box=(left, top, left + cw, top + ch)))
         if random.random() < 0.5:
             arr = arr[:, ::-1]
-        x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255)
+        x = torch.from_numpy(np.array(arr)).permute(2, 0, 1).float().div_(255)
         return x.sub_(self.mean).div_(self.std), label
 
 

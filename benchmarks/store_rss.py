@@ -6,8 +6,11 @@ crop served at ``--out`` px), then trains ResNet-20 for one epoch over every tra
 process, once on a store of ``--small`` images and once on the full one. When the cgroup-v1 memory
 controller is writable (root in a container) each child runs in a fresh cgroup whose limit is ``--cap-mb``
 (page cache included: the kernel must evict the store's pages to stay under it); otherwise the children
-run uncapped. Each child prints its peak RSS (``getrusage`` ``ru_maxrss``); the table adds the cgroup's
-peak usage and how often it hit the limit.
+run uncapped. Before each training run the store's pages are dropped from the page cache
+(``posix_fadvise(DONTNEED)`` on its shards only), so the child reads them from disk and they are charged to
+its cgroup. Each child prints its peak RSS (``getrusage`` ``ru_maxrss``); the table adds the cgroup's peak
+usage and how often it hit the limit. A last child loads the same large image folder the in-memory way
+(``storage="memory"``) under the same cap, for contrast.
 
 Usage::
 
@@ -31,6 +34,14 @@ from PIL import Image
 from fusionkd.data import prepare_dataset
 
 CGROUP = Path("/sys/fs/cgroup/memory")
+
+MEMORY_CHILD = r"""
+import resource, sys, time
+from fusionkd.data import load_dataset
+t0 = time.perf_counter()
+s = load_dataset("imagefolder", sys.argv[1], image_size=int(sys.argv[2]), cache_dir=sys.argv[3], val_fraction=0)
+print("RESULT", 0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter() - t0, flush=True)
+"""
 
 CHILD = r"""
 import resource, sys, time
@@ -59,7 +70,16 @@ def write_tree(root: Path, n: int, base: int, size: int, test: int = 200, classe
             os.link(src / f"{k}.jpg", root / split / f"c{k % classes}" / f"{i:07d}.jpg")
 
 
-def run_child(args: list[str], cap: int | None) -> dict:
+def drop_from_page_cache(store: Path) -> None:
+    for p in store.glob("*.u8"):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def run_child(args: list[str], cap: int | None, code: str = CHILD) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     group = None
     if cap is not None:
@@ -72,7 +92,7 @@ def run_child(args: list[str], cap: int | None) -> dict:
         if group is not None:
             (group / "cgroup.procs").write_text(str(os.getpid()))
 
-    proc = subprocess.run([sys.executable, "-c", CHILD, *args], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
                           preexec_fn=enter)
     out: dict = {"returncode": proc.returncode}
     for line in proc.stdout.splitlines():
@@ -120,14 +140,26 @@ def main() -> None:
                  f"data_dir={root}", f"dataset_options.store_dir={store}", "dataset_options.storage=store",
                  "dataset_options.crop=random-resized", f"dataset_options.store_size={args.store_size}",
                  "dataset_options.workers=2", "val_fraction=0"]
+        drop_from_page_cache(store)
         res = run_child(train, cap)
         row = {"images": n, "store_mb": size_mb, "cap_mb": args.cap_mb if capped else None, "prepare_s": prep, **res}
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
+    mem = run_child([str(work / f"tree{args.images}"), str(args.store_size), str(work / "npy")], cap, MEMORY_CHILD)
+    mem_row = {"images": args.images, "storage": "memory", "cap_mb": args.cap_mb if capped else None, **mem}
+    rows.append(mem_row)
+    print(json.dumps(mem_row), file=sys.stderr, flush=True)
     print("| train images | store size | memory cap | peak RSS (ru_maxrss) | cgroup peak (incl. page cache) "
-          "| epoch time |")
+          "| run time (1 epoch + test) |")
     print("|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        if r.get("storage") == "memory":
+            outcome = ("killed by the memory cap (SIGKILL)" if r["returncode"] == -9 else
+                       f"exit {r['returncode']}, peak RSS {r.get('peak_rss_mb', float('nan')):,.0f} MB")
+            hits = f", {r['cgroup_limit_hits']} limit hits" if "cgroup_limit_hits" in r else ""
+            print(f"| {r['images']:,} | in memory (`storage=memory`, {args.store_size} px) | {r['cap_mb']} MB | "
+                  f"{outcome}{hits} | | |")
+            continue
         cap_s = f"{r['cap_mb']} MB" if r["cap_mb"] else "none"
         cg = f"{r['cgroup_peak_mb']:.0f} MB ({r['cgroup_limit_hits']} limit hits)" if "cgroup_peak_mb" in r else "-"
         print(f"| {r['images']:,} | {r['store_mb']:,.0f} MB | {cap_s} | {r.get('peak_rss_mb', float('nan')):,.0f} MB "

@@ -362,6 +362,19 @@ def test_random_resized_loader_and_centre_crop_eval(trees, tmp_path):
         StoreLoader(s.train, s.info, 4, train=True, crop="pad")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("crop", ["pad", "random-resized"])
+def test_store_loader_cuda_matches_cpu(trees, tmp_path, crop):
+    size = 64 if crop == "pad" else 32
+    s = load_dataset("tinyimagenet", trees, store_dir=str(tmp_path / "st"), image_size=size, crop=crop,
+                     val_fraction=0)
+    kw = dict(train=True, seed=2, cutout=8)
+    cpu = list(StoreLoader(s.train, s.info, 4, **kw))
+    gpu = list(StoreLoader(s.train, s.info, 4, device="cuda", **kw))
+    for (xc, yc), (xg, yg) in zip(cpu, gpu, strict=True):
+        assert torch.equal(yc, yg.cpu()) and torch.allclose(xc, xg.cpu(), atol=1e-4)
+
+
 # ---------------------------------------------------------------------------------- training
 
 
