@@ -400,6 +400,18 @@ def test_train_api_imagenet_and_compare_cub200(trees, tmp_path):
     assert r.last_test_accuracy is not None and (tmp_path / "in/manifest.json").is_file()
     res = fusionkd.evaluate_checkpoint(r.run_dir / "best.pt")
     assert res is not None
+    # predict prepares a photo as evaluation does: the store's 37 px square, centre-cropped to 32
+    ckpt = load_checkpoint(r.run_dir / "best.pt")
+    assert ckpt["data"]["stored_size"] == 37 and ckpt["data"]["image_size"] == 32
+    s = load_dataset("imagenet", trees / "csv/imagenet", image_size=32, store_dir=str(tmp_path / "in"), val_fraction=0)
+    x, _ = next(iter(StoreLoader(s.test, s.info, 1, train=False)))
+    photo = sorted((trees / "csv/imagenet/ILSVRC/Data/CLS-LOC/val").glob("*.JPEG"))[0]
+    net = r.load_deploy_model().eval()
+    with torch.inference_mode():
+        want = net(x).softmax(1)[0]
+    got = fusionkd.predict(r.run_dir / "best.pt", [photo], topk=3)[0]["top"]
+    for entry in got:
+        assert entry["probability"] == pytest.approx(float(want[s.info.classes.index(entry["class"])]), abs=1e-5)
     args = ["compare", "--methods", "baseline,kd", "--models", "resnet20", "--dataset", "cub200",
             "--out", str(tmp_path / "cmp"), "--teacher-model", "resnet20", "--teacher-epochs", "1",
             f"data_dir={trees}", "image_size=32", f"dataset_options.store_dir={tmp_path / 'cub'}", "epochs=1",

@@ -126,7 +126,9 @@ class DatasetInfo:
         classes: class names, index = label.
         mean, std: per channel, for pixels scaled to ``[0, 1]``.
         in_chans: channels C.
-        image_size: H == W of the loaded images.
+        image_size: H == W of the loaded images (of the batches, for a store).
+        stored_size: side the images are stored at when evaluation centre-crops ``image_size`` from them
+            (a store served with the random-resized crop, e.g. 256 for 224); None: they are ``image_size``.
     """
 
     name: str
@@ -135,6 +137,7 @@ class DatasetInfo:
     std: tuple[float, ...]
     in_chans: int
     image_size: int
+    stored_size: int | None = None
 
     def __post_init__(self) -> None:
         self.classes = [str(c) for c in self.classes]
@@ -159,6 +162,7 @@ class DatasetInfo:
             "std": list(self.std),
             "in_chans": self.in_chans,
             "image_size": self.image_size,
+            **({"stored_size": self.stored_size} if self.stored_size is not None else {}),
         }
 
     @classmethod
@@ -175,6 +179,7 @@ class DatasetInfo:
             std=tuple(d["std"]),
             in_chans=int(d["in_chans"]),
             image_size=int(d["image_size"]),
+            stored_size=int(d["stored_size"]) if d.get("stored_size") is not None else None,
         )
 
 
@@ -439,8 +444,9 @@ def _split_store(name: str, src: StoreSource, val_fraction: float, subset: int |
             train, val = train.select(tr_idx), train.select(val_idx)
     if subset is not None:
         train = train.select(stratified_subset(train.labels.numpy(), subset, seed, num_classes))
+    served = int(train.output_size or train.resolution)
     info = DatasetInfo(name=name, classes=list(src.classes), mean=src.mean, std=src.std, in_chans=3,
-                       image_size=int(train.output_size or train.resolution))
+                       image_size=served, stored_size=train.resolution if train.resolution != served else None)
     logger.info("opened %s from store %s in %.2fs: train %d, val %s, test %d images, stored at %d px, served at "
                 "%d px (%s crop)", name, train.store.root, time.perf_counter() - t0, len(train),
                 len(val) if val is not None else "none", len(src.test), train.resolution, info.image_size,
