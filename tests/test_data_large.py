@@ -204,6 +204,21 @@ def test_store_refuses_truncated_missing_and_corrupt_shards(trees, tmp_path):
         Store(path)
 
 
+def test_prepare_refuses_a_disk_too_small_before_decoding(trees, tmp_path, capsys):
+    small = tmp_path / "small"
+    small.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(small)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip()})")
+    try:  # the store needs 24 x 12,288 bytes = 295 kB
+        code = main(["prepare", "--dataset", "tinyimagenet", f"data_dir={trees}", f"store_dir={small / 'st'}"])
+        err = capsys.readouterr().err
+        assert code == 2 and "the store needs 295 kB more (12,288 bytes per image)" in err, err
+        assert not list((small / "st").glob("*.u8"))  # refused before any shard was written
+    finally:
+        subprocess.run(["umount", "-l", str(small)], capture_output=True)
+
+
 def test_store_dataset_opens_a_copied_store_without_the_source(trees, tmp_path):
     path = _tiny_store(trees, tmp_path)
     copy = tmp_path / "elsewhere"
@@ -391,6 +406,17 @@ def test_train_cli_tinyimagenet_and_exact_resume(trees, tmp_path):
     full = [json.loads(x) for x in (tmp_path / "runs/full/metrics.jsonl").read_text().splitlines()]
     part = [json.loads(x) for x in (tmp_path / "runs/part/metrics.jsonl").read_text().splitlines()]
     assert [m["test"] for m in full] == [m["test"] for m in part]
+
+
+@pytest.mark.parametrize("name,where", [("cub200", "."), ("imagenet", "devkit/imagenet")])
+def test_train_cli_cub200_and_imagenet(trees, tmp_path, name, where):
+    args = ["train", "--dataset", name, "--epochs", "1", "--batch-size", "4", "--eval-batch-size", "8",
+            "--image-size", "32", "--progress", "none", "--threads", "1", "--out-dir", str(tmp_path / "runs"),
+            f"data_dir={trees / where}", f"dataset_options.store_dir={tmp_path / 's'}", "val_fraction=0.2",
+            "augment.cutout=8"]
+    assert main(args) == 0
+    summary = json.loads(next((tmp_path / "runs").rglob("summary.json")).read_text())
+    assert summary["finished"] is True and (tmp_path / "s/manifest.json").is_file()
 
 
 def test_train_api_imagenet_and_compare_cub200(trees, tmp_path):

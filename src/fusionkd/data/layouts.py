@@ -222,7 +222,10 @@ def read_imagenet(root: Path) -> FileSplits:
     val set is the test split."""
     wnids = [p.name for p in sorted((root / "train").iterdir()) if p.is_dir() and not p.name.startswith(".")]
     if not wnids:
-        raise DataFormatError(f"{root / 'train'}: no <wnid> class folders")
+        tars = list((root / "train").glob("n*.tar"))
+        hint = (f"; it holds {len(tars)} per-class .tar files: extract each into train/<wnid>/ (e.g. "
+                "`for f in *.tar; do mkdir ${f%.tar}; tar -xf $f -C ${f%.tar}; done`)") if tars else ""
+        raise DataFormatError(f"{root / 'train'}: no <wnid> class folders{hint}")
     index = {w: i for i, w in enumerate(wnids)}
     train: list[ImageFile] = []
     for w in wnids:

@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -194,6 +195,7 @@ def prepare_store(
         os.replace(tmp, lab_path)
 
     total = sum(len(fs) for fs in splits.values())
+    _check_space(root, splits, shard_size, per_image)
     done = 0
     t0 = time.perf_counter()
     decoded = 0
@@ -258,6 +260,31 @@ def prepare_store(
     logger.info("store %s complete: %d images at %d px, %.1f MB", root, total, resolution,
                 total * per_image / 1e6)
     return root
+
+
+def _check_space(root: Path, splits: dict[str, Sequence[ImageFile]], shard_size: int, per_image: int) -> None:
+    """Refuse to start when the disk cannot hold the shards still to be written (plus one shard of slack for
+    the temporary file)."""
+    need = 0
+    for split, files in splits.items():
+        for k, start in enumerate(range(0, len(files), shard_size)):
+            n = min(shard_size, len(files) - start)
+            data = root / f"{_shard_name(split, k)}.u8"
+            if not (data.is_file() and data.stat().st_size == n * per_image):
+                need += n * per_image
+    free = shutil.disk_usage(root).free
+    if need + shard_size * per_image > free:
+        raise StoreError(f"{root}: the store needs {_human(need)} more ({per_image:,} bytes per image) but the disk "
+                         f"has {_human(free)} free; free space, choose another store_dir, or a smaller store_size "
+                         "(bytes grow with its square)")
+
+
+def _human(n: float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:,.0f} {unit}" if unit in ("bytes", "kB") else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:,.1f} TB"
 
 
 def _plan_difference(old: dict | None, new: dict) -> str:
