@@ -268,7 +268,7 @@ def test_prepare_killed_with_sigkill_resumes_to_a_byte_identical_store(tmp_path_
     assert p.returncode == 0, err
     for kill_after in (2, 7):
         store = tmp_path_factory.mktemp("killed") / "store"
-        p = _prepare_proc(trees, store, 0.03)
+        p = _prepare_proc(trees, store, 0.05)
         deadline = time.time() + 60
         while time.time() < deadline:
             if store.is_dir() and len(list(store.glob("*-0*.json"))) >= kill_after:
