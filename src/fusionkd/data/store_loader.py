@@ -11,7 +11,7 @@ them) while the current one trains, so each rank reads only its own share. Two t
   same :func:`~fusionkd.data.loader.crop_flip` as the in-memory loader;
 * ``"random-resized"``: ImageNet-style random-resized crop (scale in ``[0.08, 1]`` of the area, aspect
   ratio in ``[3/4, 4/3]`` on a log scale, torchvision's 10 attempts then the whole image) resized to
-  ``output_size`` with bilinear sampling, plus flip, as one ``grid_sample`` per batch (:func:`resized_crop`);
+  ``output_size`` (bilinear, antialiased, as torchvision on tensors), plus flip (:func:`resized_crop`);
   evaluation centre-crops ``output_size`` from the stored image (stored 256 px, evaluated at 224 px is the
   usual resize-256 / centre-crop-224).
 """
@@ -117,34 +117,42 @@ def _draw_crops_chunk(n: int, size: int, scale: tuple[float, float], ratio: tupl
 
 def resized_crop(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, height: torch.Tensor,
                  width: torch.Tensor, flips: torch.Tensor, output_size: int) -> torch.Tensor:
-    """Crop box ``(top, left, height, width)`` of each image, resize it to ``output_size`` (bilinear, pixel
-    centres, like ``F.interpolate(align_corners=False)``) and mirror it when ``flips``: one
-    ``affine_grid`` + ``grid_sample`` for the whole batch. (A separable version with row gathers /
-    ``index_select`` was measured slower on CPU: 0.17-0.25 s against 0.12-0.16 s for 64 images 256 -> 224.)
+    """Crop box ``(top, left, height, width)`` of each image, resize it to ``output_size`` and mirror it when
+    ``flips``: torchvision's ``resized_crop`` + ``hflip`` on tensors (bilinear, ``antialias=True``, i.e.
+    Pillow-like filtering when shrinking).
+
+    One ``F.interpolate`` per image (the boxes differ in size, so they cannot share one call), then one
+    batched flip. On the CPU uint8 images take PyTorch's uint8 antialiased kernel (measured 0.04-0.06 s per
+    64 images 256 -> 224 on a loaded 2-core VM, against 0.28-0.42 s for one batched ``grid_sample`` and
+    0.09-0.2 s for float ``interpolate``); elsewhere the crop is resized in float32 and rounded, which equals
+    the uint8 result up to rounding.
 
     Args:
-        images: ``(B, C, H, W)``, uint8 or float.
-        top, left, height, width: int64 ``(B,)``, boxes inside the image.
+        images: uint8 ``(B, C, H, W)``.
+        top, left, height, width: int64 ``(B,)`` (CPU tensors), boxes inside the image.
         flips: bool ``(B,)``.
 
     Returns:
-        float32 ``(B, C, S, S)``, ``S = output_size``. Samples at the box's edge are interpolated with the
-        neighbouring pixels outside the box (inside the image), where a crop-then-resize would repeat the
-        edge pixel; the image's own border is clamped (``padding_mode="border"``).
+        uint8 ``(B, C, S, S)``, ``S = output_size``, on ``images.device``.
     """
-    x = images.to(torch.float32)
-    b, c, rh, rw = x.shape
-    sx = width.to(torch.float32) / rw
-    sy = height.to(torch.float32) / rh
-    cx = (2 * left.to(torch.float32) + width.to(torch.float32)) / rw - 1
-    cy = (2 * top.to(torch.float32) + height.to(torch.float32)) / rh - 1
-    theta = torch.zeros(b, 2, 3, dtype=torch.float32, device=x.device)
-    theta[:, 0, 0] = sx * (1 - 2 * flips.to(torch.float32))
-    theta[:, 0, 2] = cx
-    theta[:, 1, 1] = sy
-    theta[:, 1, 2] = cy
-    grid = F.affine_grid(theta, [b, c, output_size, output_size], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    b, c = images.shape[:2]
+    s = output_size
+    out = torch.empty((b, c, s, s), dtype=torch.uint8, device=images.device)
+    on_cpu = images.device.type == "cpu"
+    boxes = torch.stack([top, left, height, width], 1).tolist()
+    for i, (y, x, h, w) in enumerate(boxes):
+        crop = images[i:i + 1, :, y:y + h, x:x + w]
+        if h == s and w == s:
+            out[i:i + 1] = crop
+        elif on_cpu:
+            out[i:i + 1] = F.interpolate(crop, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+        else:
+            y_f = F.interpolate(crop.float(), size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+            out[i:i + 1] = y_f.round_().clamp_(0, 255).to(torch.uint8)
+    flips = flips.to(images.device)
+    if bool(flips.any()):
+        out = torch.where(flips.view(b, 1, 1, 1), out.flip(-1), out)
+    return out
 
 
 def _ordered_map(fn, n: int, workers: int, depth: int) -> Iterator:
@@ -343,12 +351,10 @@ class StoreLoader:
             x = normalize(x, self._scale, self._shift)
         else:
             d = draws
-            dev = self.device
-            x = resized_crop(x, d.top.to(dev), d.left.to(dev), d.height.to(dev), d.width.to(dev),
-                             d.flips.to(dev), out)
+            x = resized_crop(x, d.top, d.left, d.height, d.width, d.flips, out)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            x = x.mul_(self._scale).add_(self._shift)
+            x = normalize(x, self._scale, self._shift)
         if self.cutout > 0 and d.cutout_y is not None:
             x = _apply_cutout(x, d.cutout_y.to(self.device), d.cutout_x.to(self.device), self.cutout)
         return x
