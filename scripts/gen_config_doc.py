@@ -44,7 +44,9 @@ with the list of the method's options.
 ## `dataset_options`
 
 Options of a dataset loader, e.g. `synthetic`: `num_classes`, `in_chans`, `train_size`, `test_size`;
-`imagefolder`: `channels`. See [data.md](data.md).
+`imagefolder`: `channels`; `tinyimagenet`, `cub200`, `imagenet`, `imagefolder`: `storage`, `store_dir`,
+`store_size`, `crop`, `workers` (the store for data larger than memory); `store`: `store_dir`, `crop`,
+`workers`. See [data.md](data.md).
 
 ## Example YAML
 

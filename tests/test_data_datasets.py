@@ -33,7 +33,8 @@ def isolated_data_root(tmp_path, monkeypatch):
 
 def test_registry_lists_every_dataset_with_a_description():
     names = list_datasets()
-    assert names == ["fashion-mnist", "cifar10", "cifar100", "cinic10", "imagefolder", "digits", "synthetic"]
+    assert names == ["fashion-mnist", "cifar10", "cifar100", "cinic10", "imagefolder", "digits", "synthetic",
+                     "tinyimagenet", "cub200", "imagenet", "store"]
     for entry in DATASETS.entries():
         assert entry.description and "\n" not in entry.description
         assert {"in_chans", "image_size", "num_classes"} <= set(entry.extras)

@@ -125,7 +125,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, dataset: str | None = None, d
     A training checkpoint (``best.pt``/``last.pt``) evaluates every head of its method; a deploy file
     from ``fusionkd export`` evaluates the deployed network.
     """
-    from .data import DatasetInfo, DeviceLoader, load_dataset
+    from .data import DatasetInfo, load_dataset, make_loader
     from .engine.checkpoint import build_deploy_model, load_checkpoint, load_weights_strict
     from .engine.config import Config, ConfigError, build_dataclass, resolve_device
     from .engine.normalize import apply_normalize, normalize_of
@@ -150,7 +150,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, dataset: str | None = None, d
     data = splits.test if split == "test" else splits.val
     if data is None:
         raise ConfigError("split=val asked for, but the checkpoint's run had no validation split (val_fraction=0)")
-    loader = DeviceLoader(data, info, batch_size=batch_size, train=False, device=dev)
+    loader = make_loader(data, info, batch_size=batch_size, train=False, device=dev)
 
     if ckpt["format"].endswith("-deploy") or not ckpt.get("method_state"):
         net = build_deploy_model(ckpt).to(dev)
@@ -266,15 +266,35 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, onnx: bool = F
 
 
 # ---------------------------------------------------------------------- prediction
-def load_image(path: str | Path, in_chans: int, size: int) -> torch.Tensor:
-    """An image file as uint8 ``(C, size, size)``: converted to grey (C=1) or RGB (C=3), resized."""
+def load_image(path: str | Path, in_chans: int, size: int, stored_size: int | None = None) -> torch.Tensor:
+    """An image file as uint8 ``(C, size, size)``, prepared as the evaluation data was: converted to grey
+    (C=1) or RGB (C=3), centre-cropped to its largest square, resized to ``stored_size`` (default ``size``)
+    and, when that is larger, centre-cropped to ``size``."""
     from PIL import Image, UnidentifiedImageError
 
+    side = stored_size or size
+    if in_chans == 3:  # exactly how image folders and stores decode their files
+        from .data import DataFormatError
+        from .data.formats import decode_image
+
+        try:
+            arr = decode_image(Path(path), side)
+        except DataFormatError as e:
+            raise ValueError(f"cannot read image {str(path)!r}: {e}") from e
+        o = (side - size) // 2
+        return torch.from_numpy(arr[o:o + size, o:o + size].copy()).permute(2, 0, 1).contiguous()
     try:
         with Image.open(path) as im:
             im = im.convert("L" if in_chans == 1 else "RGB")
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.BILINEAR)
+            w, h = im.size
+            if w != h:
+                s = min(w, h)
+                im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+            if im.size != (side, side):
+                im = im.resize((side, side), Image.BILINEAR)
+            if side > size:
+                o = (side - size) // 2
+                im = im.crop((o, o, o + size, o + size))
             arr = np.asarray(im, dtype=np.uint8)
     except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
         raise ValueError(f"cannot read image {str(path)!r}: {e}") from e
@@ -290,7 +310,10 @@ def predict(checkpoint: str | Path, images: list[str | Path], topk: int = 3) -> 
     model: nn.Module = build_deploy_model(ckpt)
     data = ckpt["data"]
     c, s = int(data["in_chans"]), int(data["image_size"])
-    batch = torch.stack([load_image(p, c, s) for p in images]).float().div_(255)
+    stored = data.get("stored_size")
+    if stored is not None and (not isinstance(stored, int) or isinstance(stored, bool) or stored < s):
+        raise ValueError(f"{checkpoint}: data.stored_size={stored!r} must be an int >= image_size ({s})")
+    batch = torch.stack([load_image(p, c, s, stored) for p in images]).float().div_(255)
     mean = torch.tensor(data["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(data["std"]).view(1, -1, 1, 1)
     with torch.inference_mode():

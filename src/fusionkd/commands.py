@@ -34,6 +34,53 @@ def _split_method_options(items: list[str] | None) -> tuple[list[str], list[str]
     return method_items, plain
 
 
+# ---------------------------------------------------------------------- prepare
+class _Bar:
+    """``progress(done, total)`` as a bar on a terminal, else a line per ~10 %."""
+
+    def __init__(self, label: str) -> None:
+        import time
+
+        self.label, self.t0, self.last, self.tty = label, time.perf_counter(), -1, sys.stderr.isatty()
+        self._time = time.perf_counter
+
+    def __call__(self, done: int, total: int) -> None:
+        elapsed = self._time() - self.t0
+        rate = done / max(elapsed, 1e-9)
+        eta = (total - done) / max(rate, 1e-9)
+        frac = done / max(total, 1)
+        text = f"{self.label} {done:,}/{total:,} ({rate:,.0f}/s, ETA {eta:,.0f}s)"
+        if self.tty:
+            bar = "#" * int(30 * frac)
+            sys.stderr.write(f"\r[{bar:<30}] {text}" + ("\n" if done >= total else ""))
+            sys.stderr.flush()
+        elif int(frac * 10) > self.last or done >= total:
+            self.last = int(frac * 10)
+            print(text, file=sys.stderr, flush=True)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .data import prepare_dataset
+
+    opts = dict(parse_override(o) for o in args.overrides)
+    data_dir = opts.pop("data_dir", args.data_dir)
+    image_size = opts.pop("image_size", args.image_size)
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 4):
+        raise ConfigError(f"image_size must be an int >= 4, got {image_size!r}")
+    store = prepare_dataset(args.dataset, data_dir, image_size=image_size, cache_dir=args.cache_dir,
+                            progress=_Bar("images"), **opts)
+    if args.verify:
+        store.verify(_Bar("shards verified"))
+    m = store.manifest
+    counts = {s: sum(e["count"] for e in es) for s, es in m["shards"].items()}
+    size = sum(counts.values()) * store.image_bytes
+    _say(f"store {store.root}")
+    _say(f"  {args.dataset}: " + ", ".join(f"{s} {n:,}" for s, n in counts.items())
+         + f" images at {store.resolution} px, {len(store.classes)} classes, {size / 1e9:.2f} GB"
+         + (" (verified)" if args.verify else ""))
+    return 0
+
+
 # ---------------------------------------------------------------------- compare
 def _compare_command(args: argparse.Namespace) -> str:
     """The canonical command line of a comparison (recorded in compare.json and report.md)."""
@@ -157,8 +204,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- parsers
 def add_parsers(sub) -> None:
-    """Add ``compare``, ``report``, ``bench`` and ``demo`` to the ``fusionkd`` subparsers ``sub``."""
+    """Add ``compare``, ``report``, ``bench``, ``demo`` and ``prepare`` to the ``fusionkd`` subparsers ``sub``."""
     from .compare.demo import DEMO_EPOCHS, DEMO_SUBSET
+
+    pp = sub.add_parser(
+        "prepare", help="decode a dataset once into a store for training from disk (resumable)",
+        description="Decode the images of a dataset once into a store of raw uint8 shards at a fixed resolution "
+                    "(in parallel, resumable after any interruption, with a checksummed manifest), which training "
+                    "then reads batch by batch. Trailing key=value: data_dir, image_size and the dataset's options "
+                    "(store_dir, store_size, crop, workers). See docs/data.md.")
+    pp.add_argument("overrides", nargs="*", metavar="key=value", help="data_dir=, image_size=, dataset options")
+    pp.add_argument("--dataset", required=True, help="tinyimagenet, cub200, imagenet or imagefolder")
+    pp.add_argument("--data-dir", help="the dataset folder (as data_dir=)")
+    pp.add_argument("--image-size", type=int, help="side of the batches training will use (as image_size=)")
+    pp.add_argument("--cache-dir", help="where the store goes when store_dir is not given")
+    pp.add_argument("--verify", action="store_true", help="re-hash every shard against the manifest")
+    pp.set_defaults(func=cmd_prepare)
 
     c = sub.add_parser(
         "compare", help="run a method x model x seed grid and report mean ± std (resumable)",

@@ -1,4 +1,5 @@
-"""Data: in-memory datasets (:func:`load_dataset`) and the on-device batch loader (:class:`DeviceLoader`).
+"""Data: datasets (:func:`load_dataset`), in memory or in a prepared store on disk, and their batch loaders
+(:class:`DeviceLoader`, :class:`StoreLoader`; :func:`make_loader` picks one).
 
 >>> from fusionkd.data import load_dataset, DeviceLoader
 >>> splits = load_dataset("fashion-mnist", val_fraction=0.1)
@@ -31,6 +32,9 @@ from .loader import (
     cutout_mask,
     draw_augmentation,
 )
+from .official import prepare_dataset
+from .store import Store, StoreError, StoreMismatchError, StoreSplit, prepare_store
+from .store_loader import StoreLoader, make_loader
 
 __all__ = [
     "DATASETS",
@@ -54,4 +58,12 @@ __all__ = [
     "read_idx",
     "register_dataset",
     "safe_pickle_load",
+    "Store",
+    "StoreError",
+    "StoreLoader",
+    "StoreMismatchError",
+    "StoreSplit",
+    "make_loader",
+    "prepare_dataset",
+    "prepare_store",
 ]

@@ -16,6 +16,7 @@ is used or refused, never replaced by another copy. Without ``data_dir``: ``$FUS
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import hashlib
 import inspect
@@ -36,6 +37,8 @@ from . import download as dl
 from .formats import (
     ArrayCache,
     DataFormatError,
+    ImageFile,
+    _writable_dir,
     decode_images,
     fingerprint,
     list_classes,
@@ -44,7 +47,9 @@ from .formats import (
     read_idx_pair,
     scan_image_tree,
 )
+from .layouts import FileSplits
 from .splits import stratified_split, stratified_subset
+from .store import Store, StoreMismatchError, StoreSplit, prepare_store, store_lock
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +126,9 @@ class DatasetInfo:
         classes: class names, index = label.
         mean, std: per channel, for pixels scaled to ``[0, 1]``.
         in_chans: channels C.
-        image_size: H == W of the loaded images.
+        image_size: H == W of the loaded images (of the batches, for a store).
+        stored_size: side the images are stored at when evaluation centre-crops ``image_size`` from them
+            (a store served with the random-resized crop, e.g. 256 for 224); None: they are ``image_size``.
     """
 
     name: str
@@ -130,6 +137,7 @@ class DatasetInfo:
     std: tuple[float, ...]
     in_chans: int
     image_size: int
+    stored_size: int | None = None
 
     def __post_init__(self) -> None:
         self.classes = [str(c) for c in self.classes]
@@ -154,6 +162,7 @@ class DatasetInfo:
             "std": list(self.std),
             "in_chans": self.in_chans,
             "image_size": self.image_size,
+            **({"stored_size": self.stored_size} if self.stored_size is not None else {}),
         }
 
     @classmethod
@@ -170,17 +179,31 @@ class DatasetInfo:
             std=tuple(d["std"]),
             in_chans=int(d["in_chans"]),
             image_size=int(d["image_size"]),
+            stored_size=int(d["stored_size"]) if d.get("stored_size") is not None else None,
         )
 
 
 @dataclass
 class DataSplits:
-    """The result of :func:`load_dataset`."""
+    """The result of :func:`load_dataset`: in-memory splits, or :class:`~fusionkd.data.StoreSplit` s of a
+    prepared store (``storage="store"``)."""
 
-    train: ArrayDataset
-    val: ArrayDataset | None
-    test: ArrayDataset
+    train: ArrayDataset | StoreSplit
+    val: ArrayDataset | StoreSplit | None
+    test: ArrayDataset | StoreSplit
     info: DatasetInfo
+
+
+@dataclass
+class StoreSource:
+    """What a loader returns when the images stay in a store on disk (see ``SourceSplits``)."""
+
+    train: StoreSplit
+    test: StoreSplit
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    val: StoreSplit | None = None
 
 
 @dataclass
@@ -370,6 +393,8 @@ def load_dataset(
     )
     src = entry.obj(req, **options)
     num_classes = len(src.classes)
+    if isinstance(src, StoreSource):
+        return _split_store(name, src, val_fraction, subset, seed, t0)
 
     mean, std = src.mean, src.std
     if image_size is not None and src.train.images.shape[-1] != image_size:
@@ -403,6 +428,29 @@ def load_dataset(
     logger.info("loaded %s in %.2fs: train %d, val %s, test %d images of %dx%dx%d", name,
                 time.perf_counter() - t0, len(train), len(val) if val is not None else "none",
                 len(src.test), info.in_chans, info.image_size, info.image_size)
+    return DataSplits(train=train, val=val, test=src.test, info=info)
+
+
+def _split_store(name: str, src: StoreSource, val_fraction: float, subset: int | None, seed: int,
+                 t0: float) -> DataSplits:
+    """Validation carve-out and subset of a store's splits: index views, no image is read."""
+    num_classes = len(src.classes)
+    train, val = src.train, None
+    if val_fraction > 0:
+        if src.val is not None:
+            val = src.val
+        else:
+            tr_idx, val_idx = stratified_split(train.labels.numpy(), val_fraction, seed, num_classes)
+            train, val = train.select(tr_idx), train.select(val_idx)
+    if subset is not None:
+        train = train.select(stratified_subset(train.labels.numpy(), subset, seed, num_classes))
+    served = int(train.output_size or train.resolution)
+    info = DatasetInfo(name=name, classes=list(src.classes), mean=src.mean, std=src.std, in_chans=3,
+                       image_size=served, stored_size=train.resolution if train.resolution != served else None)
+    logger.info("opened %s from store %s in %.2fs: train %d, val %s, test %d images, stored at %d px, served at "
+                "%d px (%s crop)", name, train.store.root, time.perf_counter() - t0, len(train),
+                len(val) if val is not None else "none", len(src.test), train.resolution, info.image_size,
+                train.crop)
     return DataSplits(train=train, val=val, test=src.test, info=info)
 
 
@@ -616,6 +664,12 @@ def _decode_tree(req: LoadRequest, root: Path, splits: dict[str, Path], classes:
     """
     files = {split: scan_image_tree(folder, classes, require_all=all_classes_everywhere or split == "train")
              for split, folder in splits.items()}
+    return decode_files(req, root, files, classes, image_size)
+
+
+def decode_files(req: LoadRequest, root: Path, files: dict[str, list[ImageFile]], classes: list[str],
+                 image_size: int) -> tuple[dict[str, ArrayDataset], bool]:
+    """Decode ``split -> image files`` into RGB uint8 datasets in memory, through the ``.npy`` cache."""
     key = fingerprint([req.name, str(image_size), ",".join(classes)], sorted(files.items()))
     root_id = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]
     cache = ArrayCache(f"{req.name}-{root_id}-", key, _cache_locations(req, root))
@@ -636,7 +690,130 @@ def _decode_tree(req: LoadRequest, root: Path, splits: dict[str, Path], classes:
         cache.save(arrays, {"dataset": req.name, "root": str(root.resolve()), "classes": classes,
                             "image_size": image_size, "all_gray": all_gray,
                             "counts": {s: len(f) for s, f in files.items()}})
-    return {s: _dataset(arrays[f"{s}_images"], arrays[f"{s}_labels"]) for s in splits}, all_gray
+    return {s: _dataset(arrays[f"{s}_images"], arrays[f"{s}_labels"]) for s in files}, all_gray
+
+
+STORAGES = ("memory", "store")
+#: ``progress(done, total)`` for a store being prepared in this context (set by ``prepare_dataset``)
+PREPARE_PROGRESS: contextvars.ContextVar = contextvars.ContextVar("fusionkd_prepare_progress", default=None)
+
+
+def _default_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    """The large-data options shared by the file-tree datasets (``tinyimagenet``, ``cub200``, ``imagenet``,
+    ``imagefolder``): where images live and how the loader crops them."""
+
+    storage: str
+    store_dir: str | None
+    store_size: int | None
+    crop: str
+    workers: int | None
+
+    def check(self, name: str) -> None:
+        from .store_loader import CROPS
+
+        if self.storage not in STORAGES:
+            raise ValueError(f"{name} storage must be one of {STORAGES}, got {self.storage!r}")
+        if self.crop not in CROPS:
+            raise ValueError(f"{name} crop must be one of {CROPS}, got {self.crop!r}")
+        if self.crop == "random-resized" and self.storage != "store":
+            raise ValueError(f"{name}: crop='random-resized' needs storage='store' (the in-memory loader does the "
+                             "CIFAR-style pad crop only)")
+        for key, value, lo in (("store_size", self.store_size, 4), ("workers", self.workers, 1)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < lo):
+                raise ValueError(f"{name} {key} must be an int >= {lo} or None, got {value!r}")
+
+    def resolution(self, output_size: int) -> int:
+        """Stored side: ``store_size``, else the output size (pad crop) or 8/7 of it (random-resized crop:
+        stored 256 for 224, the usual resize-256 / centre-crop-224 of evaluation)."""
+        if self.store_size is not None:
+            return self.store_size
+        return output_size if self.crop == "pad" else int(round(output_size * 8 / 7))
+
+
+def _store_path(req: LoadRequest, root: Path, opts: StoreOptions, resolution: int, key: str) -> Path:
+    """``store_dir`` when given; else an existing complete store of these files in any cache location, else
+    a new one in the first writable location."""
+    if opts.store_dir is not None:
+        return Path(opts.store_dir).expanduser()
+    root_id = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]
+    name = f"store-{req.name}-{root_id}-{resolution}px-{key[:16]}"
+    locations = _cache_locations(req, root)
+    for loc in locations:
+        if (loc / name / "manifest.json").is_file():
+            return loc / name
+    for loc in locations:
+        if _writable_dir(loc):
+            return loc / name
+    raise DatasetNotFoundError(f"no writable place for the store of {req.name} among {[str(p) for p in locations]}; "
+                               "pass store_dir=<folder>")
+
+
+def store_fingerprint(name: str, files: FileSplits, resolution: int) -> str:
+    """What a store is built from: dataset name, resolution, classes and every file's name, size and time."""
+    return fingerprint([name, str(resolution), ",".join(files.classes)], sorted(files.splits.items()))
+
+
+def _materialise(req: LoadRequest, files: FileSplits, opts: StoreOptions, default_size: int, *,
+                 mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None
+                 ) -> SourceSplits | StoreSource:
+    """Decode ``files`` into memory (``storage="memory"``, cached) or open / prepare their store."""
+    out_size = req.image_size or default_size
+    if opts.storage == "memory":
+        splits, _ = decode_files(req, files.root, files.splits, files.classes, out_size)
+        return SourceSplits(train=splits["train"], test=splits["test"], val=splits.get("val"),
+                            classes=files.classes, mean=mean, std=std)
+    resolution = opts.resolution(out_size)
+    if out_size > resolution:
+        raise ValueError(f"{req.name}: image_size={out_size} is larger than the stored {resolution} px "
+                         f"(store_size); raise store_size or lower image_size")
+    if opts.crop == "pad" and resolution != out_size:
+        raise ValueError(f"{req.name}: crop='pad' trains on the stored images at their own size, but store_size="
+                         f"{resolution} and image_size={out_size}; make them equal or use crop='random-resized'")
+    key = store_fingerprint(req.name, files, resolution)
+    path = _store_path(req, files.root, opts, resolution, key)
+    with store_lock(path):
+        if not (path / "manifest.json").is_file():
+            n = sum(len(v) for v in files.splits.values())
+            logger.info("preparing the %s store %s: %d images at %d px (once; resumable)", req.name, path, n,
+                        resolution)
+            prepare_store(path, dataset=req.name, splits=files.splits, classes=files.classes,
+                          resolution=resolution, fingerprint=key, mean=mean, std=std,
+                          workers=opts.workers or _default_workers(), progress=PREPARE_PROGRESS.get())
+        store = Store(path, dataset=req.name, resolution=resolution, fingerprint=key)
+    return _store_source(store, opts, out_size)
+
+
+def _store_source(store: Store, opts: StoreOptions, out_size: int) -> StoreSource:
+    kw = dict(crop=opts.crop, output_size=out_size, workers=opts.workers or _default_workers())
+    split = lambda s: StoreSplit(store, s, **kw) if s in store.splits else None  # noqa: E731
+    return StoreSource(train=split("train"), test=split("test"), val=split("val"), classes=store.classes,
+                       mean=store.mean, std=store.std)
+
+
+def open_store_source(req: LoadRequest, opts: StoreOptions, default_size: int) -> StoreSource | None:
+    """A finished store at ``store_dir`` used without its source files (e.g. copied to this machine), or
+    None when there is none. The dataset name and resolution are still checked."""
+    if opts.store_dir is None or opts.storage != "store":
+        return None
+    path = Path(opts.store_dir).expanduser()
+    if not (path / "manifest.json").is_file():
+        return None
+    out_size = req.image_size or default_size
+    resolution = opts.store_size if opts.store_size is not None else None
+    store = Store(path, dataset=req.name, resolution=resolution)
+    if resolution is None and opts.crop == "pad" and req.image_size is not None and store.resolution != out_size:
+        raise StoreMismatchError(f"{path}: holds {store.resolution} px images, this run asks for {out_size} px with "
+                                 "the pad crop; pass image_size to match or prepare another store")
+    logger.warning("%s: source files not found; using the store %s as it is (its fingerprint is not checked)",
+                   req.name, path)
+    if req.image_size is None:
+        out_size = store.resolution if opts.crop == "pad" else min(out_size, store.resolution)
+    return _store_source(store, opts, out_size)
 
 
 CINIC10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -673,11 +850,18 @@ def _to_gray(images: torch.Tensor) -> torch.Tensor:
 
 @register_dataset("imagefolder", "any root/{train,test[,val]}/<class>/*.png|jpg tree, resized to image_size "
                   "(default 32)", in_chans=None, image_size=None, num_classes=None)
-def _load_imagefolder(req: LoadRequest, *, channels: str = "auto") -> SourceSplits:
+def _load_imagefolder(req: LoadRequest, *, channels: str = "auto", storage: str = "memory",
+                      store_dir: str | None = None, store_size: int | None = None, crop: str = "pad",
+                      workers: int | None = None) -> SourceSplits | StoreSource:
     """``channels``: ``"auto"`` (grayscale when every image is single-channel, else RGB), ``"rgb"`` or
-    ``"grayscale"``."""
+    ``"grayscale"``. ``storage="store"`` keeps the images in a prepared store on disk (RGB; see
+    docs/data.md) instead of memory."""
     if channels not in ("auto", "rgb", "grayscale"):
         raise ValueError(f"imagefolder channels must be 'auto', 'rgb' or 'grayscale', got {channels!r}")
+    opts = StoreOptions(storage, store_dir, store_size, crop, workers)
+    opts.check("imagefolder")
+    if storage == "store" and channels == "grayscale":
+        raise ValueError("imagefolder: a store holds RGB images; channels='grayscale' needs storage='memory'")
     if req.data_dir is None:
         raise DatasetNotFoundError(
             "imagefolder needs data_dir=<root>, a folder holding train/<class>/*.png and test/<class>/*.png "
@@ -686,6 +870,9 @@ def _load_imagefolder(req: LoadRequest, *, channels: str = "auto") -> SourceSpli
     root = req.data_dir
     missing = [s for s in ("train", "test") if not (root / s).is_dir()]
     if missing:
+        stored = open_store_source(req, opts, 32)
+        if stored is not None:
+            return stored
         raise DatasetNotFoundError(
             f"{root}: missing split folder(s) {missing}; expected {root}/train/<class>/*.png and "
             f"{root}/test/<class>/*.png (optionally {root}/val/<class>/*.png)"
@@ -697,8 +884,10 @@ def _load_imagefolder(req: LoadRequest, *, channels: str = "auto") -> SourceSpli
     val_name = next((v for v in ("val", "valid") if (root / v).is_dir()), None)
     if val_name:
         folders["val"] = root / val_name
-    splits, all_gray = _decode_tree(req, root, folders, classes, req.image_size or 32,
-                                    all_classes_everywhere=False)
+    files = {split: scan_image_tree(folder, classes, require_all=split == "train") for split, folder in folders.items()}
+    if storage == "store":
+        return _materialise(req, FileSplits(root, classes, files), opts, 32)
+    splits, all_gray = decode_files(req, root, files, classes, req.image_size or 32)
     gray = channels == "grayscale" or (channels == "auto" and all_gray)
     if gray:
         splits = {s: ArrayDataset(_to_gray(d.images), d.labels) for s, d in splits.items()}

@@ -35,6 +35,7 @@ from torch import nn
 
 from .. import __version__
 from ..data import DataFormatError, DatasetInfo, DatasetNotFoundError, DataSplits, DeviceLoader, load_dataset
+from ..data.store_loader import make_loader
 from ..methods import METHODS, Method, MethodContext, Teacher, count_parameters
 from ..models import WeightsError
 from . import distributed as D
@@ -294,7 +295,7 @@ def evaluate(method: Method, loader: DeviceLoader, amp, dist_info: D.DistInfo | 
     method.eval()
     correct: dict[str, torch.Tensor] = {}
     total = 0
-    n_all = len(loader.dataset) if hasattr(loader, "dataset") else 0
+    n_all = int(getattr(loader, "num_samples", 0))  # this rank's images (both loaders serve every one in eval)
     for images, labels in loader:
         with amp:
             heads = method.eval_logits(images)
@@ -617,15 +618,15 @@ class Trainer:
         deploy_name = getattr(method, "deploy_model_name", cfg.model)
 
         aug = cfg.augment
-        train_loader = DeviceLoader(
+        train_loader = make_loader(
             splits.train, info, batch_size=cfg.batch_size, train=True, device=device,
             crop_padding=aug.crop_padding, padding_mode=aug.padding_mode, flip=aug.flip, cutout=aug.cutout,
             seed=cfg.seed, channels_last=cfg.channels_last, rank=dist_info.rank, world_size=dist_info.world_size,
         )
         eval_kw = dict(batch_size=cfg.eval_batch_size, train=False, device=device, channels_last=cfg.channels_last,
                        rank=dist_info.rank, world_size=dist_info.world_size)
-        val_loader = DeviceLoader(splits.val, info, **eval_kw) if splits.val is not None and len(splits.val) else None
-        test_loader = DeviceLoader(splits.test, info, **eval_kw)
+        val_loader = make_loader(splits.val, info, **eval_kw) if splits.val is not None and len(splits.val) else None
+        test_loader = make_loader(splits.test, info, **eval_kw)
         if len(train_loader) == 0:
             raise ConfigError(
                 f"batch_size={cfg.batch_size} is larger than the {len(splits.train)} training images "
