@@ -412,7 +412,7 @@ def test_train_cli_tinyimagenet_and_exact_resume(trees, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     full = [json.loads(x) for x in (tmp_path / "runs/full/metrics.jsonl").read_text().splitlines()]
     part = [json.loads(x) for x in (tmp_path / "runs/part/metrics.jsonl").read_text().splitlines()]
-    assert [m["test"] for m in full] == [m["test"] for m in part]
+    assert [(m["val"], m.get("test")) for m in full] == [(m["val"], m.get("test")) for m in part]
 
 
 @pytest.mark.parametrize("name,where", [("cub200", "."), ("imagenet", "devkit/imagenet")])

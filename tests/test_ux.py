@@ -156,3 +156,30 @@ def test_api_logs_at_info_when_nothing_is_configured(tmp_path):
     quiet = subprocess.run([sys.executable, "-c", code.replace("'log'", "'none'").replace("'api'", "'q'")],
                            capture_output=True, text=True, env=env, timeout=240)
     assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+
+
+# ---------------------------------------------------------------------- report keying
+def test_report_never_puts_two_image_folders_in_one_row(tmp_path):
+    from test_data_datasets import write_png_tree
+
+    from fusionkd.compare.report import report_from_folders
+
+    runs = tmp_path / "runs"
+    for i, classes in enumerate((["cat", "dog"], ["cat", "dog"])):
+        root = tmp_path / f"folder{i}"
+        write_png_tree(root, {"train": 8 + 4 * i, "test": 2}, classes, size=(16, 16), seed=i)
+        fusionkd.train(method="baseline", dataset="imagefolder", data_dir=str(root), image_size=16,
+                       val_fraction=0.25, batch_size=4, eval_batch_size=16, epochs=1, threads=1,
+                       out_dir=str(runs), name=f"r{i}", progress="none")
+    files = report_from_folders([runs], tmp_path / "rep", plots=False)
+    labels = sorted(g.dataset for g in files.groups)
+    assert len(labels) == 2, labels  # one row per folder, never "baseline" averaged over both
+    assert all(str(tmp_path / "folder") in lab for lab in labels)
+    csv = (tmp_path / "rep" / "results.csv").read_text()
+    assert "folder0" in csv and "folder1" in csv
+    # the same folder read twice (another seed) stays one row
+    fusionkd.train(method="baseline", dataset="imagefolder", data_dir=str(tmp_path / "folder0"), image_size=16,
+                   val_fraction=0.25, batch_size=4, eval_batch_size=16, epochs=1, threads=1, seed=1,
+                   out_dir=str(runs), name="r0-s1", progress="none")
+    files = report_from_folders([runs], tmp_path / "rep2", plots=False)
+    assert sorted(len(g.seeds) for g in files.groups) == [1, 2]

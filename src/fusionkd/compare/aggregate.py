@@ -50,12 +50,20 @@ class RunRecord:
     summary: dict[str, Any]
     config: dict[str, Any]
     metrics: list[dict[str, Any]]
+    #: the dataset as the report names it (set by :func:`label_datasets`; default: the dataset's name)
+    dataset_label: str | None = None
 
     @property
     def key(self) -> tuple[str, str, str]:
         """``(dataset, model, method)``: the group this run is a seed of."""
         s = self.summary
-        return (str(s.get("dataset")), str(s.get("model")), str(s.get("method")))
+        return (self.dataset_label or str(s.get("dataset")), str(s.get("model")), str(s.get("method")))
+
+    @property
+    def data_identity(self) -> tuple[str, str | None, str | None]:
+        """``(dataset name, data_dir, content fingerprint)``: runs that differ here read different data."""
+        d = self.summary.get("data") or {}
+        return (str(self.summary.get("dataset")), d.get("data_dir"), d.get("fingerprint"))
 
     @property
     def seed(self) -> int:
@@ -69,6 +77,31 @@ class RunRecord:
     def validated(self) -> list[dict[str, Any]]:
         """The ``metrics.jsonl`` lines of the epochs that were evaluated on the validation split."""
         return [m for m in self.metrics if m.get("val")]
+
+
+def label_datasets(records: Sequence[RunRecord]) -> None:
+    """Give runs on different data different dataset labels, so that they never share a row.
+
+    A dataset name read from one place with one content fingerprint keeps its plain name; when runs of one
+    name read different folders (``data_dir``) or different content (fingerprint: classes, normalisation,
+    split sizes, label counts), each identity is labelled ``name [folder]`` or ``name #fingerprint``."""
+    by_name: dict[str, set[tuple[str | None, str | None]]] = {}
+    for r in records:
+        name, folder, fp = r.data_identity
+        by_name.setdefault(name, set()).add((folder, fp))
+    for r in records:
+        name, folder, fp = r.data_identity
+        if len(by_name[name]) == 1:
+            r.dataset_label = name
+            continue
+        folders = {f for f, _ in by_name[name]}
+        same_folder_twice = sum(1 for f, _ in by_name[name] if f == folder) > 1
+        label = name
+        if len(folders) > 1 and folder:
+            label += f" [{folder}]"
+        if (len(folders) == 1 or same_folder_twice or not folder) and fp:
+            label += f" #{fp[:8]}"
+        r.dataset_label = label
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[Path]:
@@ -143,7 +176,7 @@ def run_rows(rec: RunRecord) -> list[dict[str, Any]]:
     data = s.get("data") or {}
     params = s.get("params") or {}
     common = {
-        "dataset": s.get("dataset"), "model": s.get("model"), "method": s.get("method"),
+        "dataset": rec.key[0], "model": s.get("model"), "method": s.get("method"),
         "family": s.get("family"), "seed": s.get("seed"), "last_epoch": last.get("epoch"),
         "train_time_s": s.get("train_time_s"), "img_per_s": s.get("img_per_s"),
         "params_deploy": params.get("deploy"), "params_extra": params.get("extra"), "epochs": s.get("epochs"),
@@ -287,6 +320,7 @@ def group_key_order(keys: Iterable[GroupKey], families: dict[str, str]) -> list[
 def summarize(records: Sequence[RunRecord]) -> list[GroupStats]:
     """Group runs by (dataset, model, method) and compute the statistics of :class:`GroupStats`."""
     groups: dict[GroupKey, list[RunRecord]] = {}
+    label_datasets(records)
     for rec in records:
         groups.setdefault(rec.key, []).append(rec)
     families = {k[2]: str(v[0].summary.get("family", "")) for k, v in groups.items()}

@@ -83,7 +83,7 @@ class Config:
     seed: int = 0  #: seeds torch/numpy/python and the loader (shuffling, augmentation draws)
     eval_every: int = 1  #: evaluate the validation split every N epochs (and always after the last)
     eval_test: str = "end"  #: "end": test split once, on the best-validation and last weights; "every": also each eval
-    eval_batch_size: int = 512  #: batch of the evaluation passes
+    eval_batch_size: int = 128  #: batch of the evaluation passes (128 was fastest: benchmarks/eval_batch.py)
     # -- output
     out_dir: str = "runs"  #: parent folder of run folders
     name: str | None = None  #: run folder name; default ``{dataset}/{method}-{model}-s{seed}``

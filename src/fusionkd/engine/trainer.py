@@ -353,6 +353,24 @@ def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 REFUSALS = (ConfigError, CheckpointError, DatasetNotFoundError, DataFormatError, ValueError, ImportError)
 
 
+def data_fingerprint(splits: DataSplits) -> str:
+    """A cheap content fingerprint of the data a run read: classes, normalisation, split sizes and the label
+    counts of every split (no pass over the pixels). ``fusionkd report`` keeps runs whose fingerprints differ
+    in separate rows even when their dataset name is the same (two image folders, two subsets)."""
+    import hashlib
+
+    parts: dict[str, Any] = {"info": splits.info.to_dict()}
+    for name in ("train", "val", "test"):
+        split = getattr(splits, name, None)
+        labels = getattr(split, "labels", None)
+        if labels is None:
+            parts[name] = None
+            continue
+        labels = torch.as_tensor(labels).long().cpu()
+        parts[name] = torch.bincount(labels, minlength=len(splits.info.classes)).tolist()
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 class Trainer:
     """Trains one configured run; ``Trainer(cfg).fit()`` or ``Trainer.resume(run_dir).fit()``.
 
@@ -375,6 +393,7 @@ class Trainer:
         self.finished_summary: dict[str, Any] | None = None
         #: where the progress display also writes its state as JSON (``fusionkd compare`` reads it)
         self.status_file: Path | None = None
+        self._data_fingerprint: str | None = None
         self.dist = D.env_info()
         self._file_handler: logging.Handler | None = None
         self._lock: RunLock | None = None
@@ -600,6 +619,7 @@ class Trainer:
         )
         splits = apply_normalize(splits, cfg.normalize)
         info = splits.info
+        self._data_fingerprint = data_fingerprint(splits)
         for key, value in (("augment.cutout", cfg.augment.cutout), ("augment.crop_padding", cfg.augment.crop_padding)):
             if value > info.image_size:
                 raise ConfigError(f"{key}={value} is larger than the {info.image_size}x{info.image_size} images of "
@@ -990,7 +1010,9 @@ class Trainer:
             "train_time_s": train_time,
             "eval_time_s": eval_time,
             "img_per_s": seen / train_time if train_time > 0 else 0.0,
-            "data": {**data_sizes, "name": info.name, "subset": cfg.subset, "val_fraction": cfg.val_fraction},
+            "data": {**data_sizes, "name": info.name, "subset": cfg.subset, "val_fraction": cfg.val_fraction,
+                     "data_dir": str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None,
+                     "fingerprint": self._data_fingerprint},
             "hardware": hardware_info(device),
             "method_extras": method.summary_extras(),
         }
