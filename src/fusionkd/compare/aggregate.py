@@ -307,7 +307,7 @@ def summarize(records: Sequence[RunRecord]) -> list[GroupStats]:
 
 #: config keys that legitimately differ between runs (identity, output, runtime-only settings)
 RUNTIME_KEYS = frozenset({"seed", "name", "out_dir", "progress", "log_every", "threads", "eval_batch_size",
-                          "tensorboard", "device"})
+                          "tensorboard", "device", "tracker", "tracker_uri", "tracker_experiment"})
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

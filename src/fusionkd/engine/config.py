@@ -82,6 +82,9 @@ class Config:
     out_dir: str = "runs"  #: parent folder of run folders
     name: str | None = None  #: run folder name; default ``{dataset}/{method}-{model}-s{seed}``
     tensorboard: bool = False  #: also write TensorBoard events (needs the tensorboard package)
+    tracker: str = "none"  #: experiment trackers, comma-separated: "none", "tensorboard", "mlflow"
+    tracker_uri: str | None = None  #: MLflow tracking URI; default ``sqlite:///<out_dir>/mlflow.db``
+    tracker_experiment: str | None = None  #: MLflow experiment name; default: the dataset name
     progress: str = "auto"  #: "auto" (bar on a terminal, log lines otherwise), "bar", "log", "none"
     log_every: int = 50  #: steps between progress refreshes (each costs one host sync)
 
@@ -425,6 +428,9 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(f"{key}={value} is larger than the {size}x{size} images of this run; accepted "
                                   f"0..{size}")
     check_run_name(cfg)
+    from .trackers import check_tracker
+
+    check_tracker(cfg)
     if cfg.nesterov and cfg.optimizer != "sgd":
         raise ConfigError("nesterov=true needs optimizer=sgd")
     if cfg.nesterov and cfg.momentum <= 0:

@@ -11,7 +11,8 @@ Run folder layout (``out_dir/name``)::
     last.pt          checkpoint after the last finished epoch (everything needed to resume exactly)
     best.pt          checkpoint of the epoch with the best validation accuracy of the deploy head
     summary.json     best (by validation) and last epoch accuracies, time, throughput, parameters
-    tb/              TensorBoard events (tensorboard=true)
+    tb/              TensorBoard events (tracker=tensorboard or tensorboard=true)
+    mlflow_run.json  the MLflow run this folder logs to (tracker=mlflow)
 """
 
 from __future__ import annotations
@@ -57,11 +58,13 @@ from .config import Config, ConfigError, build_options
 from .optim import build_optimizer, build_scheduler
 from .progress import Progress
 from .rundir import RunLock, RunLockedError, clear_folder, folder_entries, has_finished_epoch
+from .trackers import Callback, build_trackers
 
 log = logging.getLogger("fusionkd")
 
 #: options that may differ when a run is resumed (everything else must match the checkpoint)
-RESUME_MUTABLE = {"epochs", "progress", "log_every", "threads", "eval_batch_size", "tensorboard", "device"}
+RESUME_MUTABLE = {"epochs", "progress", "log_every", "threads", "eval_batch_size", "tensorboard", "device",
+                  "tracker", "tracker_uri", "tracker_experiment"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -296,6 +299,16 @@ def evaluate(method: Method, loader: DeviceLoader, amp, dist_info: D.DistInfo | 
     return {n: 100.0 * c / max(counts[-1], 1) for n, c in zip(names, counts[:-1])}
 
 
+def _end_callbacks(callbacks: list[Callback], summary: dict[str, Any] | None, run_dir: Path,
+                   error: BaseException | None) -> None:
+    """``on_run_end`` of every callback; a failing one is logged, never allowed to hide the run's outcome."""
+    for cb in callbacks:
+        try:
+            cb.on_run_end(summary, run_dir, error)
+        except Exception as e:  # noqa: BLE001
+            log.warning("%s.on_run_end failed: %s: %s", type(cb).__name__, type(e).__name__, e)
+
+
 # ---------------------------------------------------------------------- the run
 def _read_config_yaml(run_dir: Path) -> dict[str, Any]:
     import yaml
@@ -355,6 +368,10 @@ class Trainer:
         self.method: Method | None = None
         #: the summary of a run that ``resume`` found finished already (``fit`` then trains nothing)
         self.finished_summary: dict[str, Any] | None = None
+        #: extra :class:`~fusionkd.engine.trackers.Callback` objects (rank 0), after the config's trackers
+        self.callbacks: list[Callback] = []
+        #: False: the test split is neither loaded nor evaluated (``fusionkd tune``: choices see validation only)
+        self.use_test = True
         self.dist = D.env_info()
         self._file_handler: logging.Handler | None = None
         self._lock: RunLock | None = None
@@ -571,7 +588,8 @@ class Trainer:
 
         splits: DataSplits = load_dataset(
             cfg.dataset, cfg.data_dir, download=cfg.download, val_fraction=cfg.val_fraction,
-            subset=cfg.subset, seed=cfg.data_seed, image_size=cfg.image_size, **cfg.dataset_options,
+            subset=cfg.subset, seed=cfg.data_seed, image_size=cfg.image_size, with_test=self.use_test,
+            **cfg.dataset_options,
         )
         info = splits.info
         for key, value in (("augment.cutout", cfg.augment.cutout), ("augment.crop_padding", cfg.augment.crop_padding)):
@@ -597,7 +615,7 @@ class Trainer:
         eval_kw = dict(batch_size=cfg.eval_batch_size, train=False, device=device, channels_last=cfg.channels_last,
                        rank=dist_info.rank, world_size=dist_info.world_size)
         val_loader = DeviceLoader(splits.val, info, **eval_kw) if splits.val is not None and len(splits.val) else None
-        test_loader = DeviceLoader(splits.test, info, **eval_kw)
+        test_loader = DeviceLoader(splits.test, info, **eval_kw) if self.use_test else None
         if len(train_loader) == 0:
             raise ConfigError(
                 f"batch_size={cfg.batch_size} is larger than the {len(splits.train)} training images "
@@ -648,7 +666,9 @@ class Trainer:
             log.info("teacher %s (%s), recorded test accuracy %s", method.ctx.teacher.model_name,
                      method.ctx.teacher.meta.get("path"), f"{acc:.2f}%" if acc is not None else "n/a")
 
-        writer = self._tensorboard() if cfg.tensorboard and main else None
+        callbacks = [*build_trackers(cfg, self.run_dir), *self.callbacks] if main else []
+        for cb in callbacks:
+            cb.on_run_start(cfg.to_dict(), self.run_dir, start_epoch)
         progress = Progress(cfg.progress if main else "none", cfg.epochs, len(train_loader), start_epoch)
         self._model, self._signature = method, None
         common = {"config": cfg.to_dict(), "config_hash": config_hash(cfg),
@@ -663,7 +683,7 @@ class Trainer:
                 if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                     t0 = time.perf_counter()
                     val = evaluate(method, val_loader, amp, dist_info) if val_loader is not None else {}
-                    test = evaluate(method, test_loader, amp, dist_info)
+                    test = evaluate(method, test_loader, amp, dist_info) if test_loader is not None else {}
                     method.on_validation(val)
                     self._last_val = val.get(method.deploy_head)
                     metrics.update(val=val, test=test, time_eval_s=time.perf_counter() - t0)
@@ -672,23 +692,25 @@ class Trainer:
                 last_metrics = metrics
                 if main:
                     self._append_metrics(metrics)
-                    if writer is not None:
-                        self._write_tensorboard(writer, metrics)
                     state = self._checkpoint(method, optimizer, scheduler, scaler, epoch + 1, metrics, best, common)
                     atomic_save(state, self.run_dir / "last.pt")
                     if best is not None and best["epoch"] == epoch + 1:
                         atomic_save(state, self.run_dir / "best.pt")
+                    for cb in callbacks:  # after last.pt: a callback that stops the run leaves it resumable
+                        cb.on_epoch_end(metrics)
                 line = self._epoch_line(metrics, method.deploy_head)
                 progress.epoch_end(epoch, line)
                 if progress.mode != "log" and main:  # the bar / silence still leave the epoch in train.log
                     self._file_handler.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, line, None, None))
                 D.barrier(dist_info)  # no rank runs ahead of the checkpoint it could resume from
+        except BaseException as e:
+            _end_callbacks(callbacks, None, self.run_dir, e)
+            raise
         finally:
             progress.close()
-            if writer is not None:
-                writer.close()
 
         if end_epoch < cfg.epochs:
+            _end_callbacks(callbacks, None, self.run_dir, None)
             log.info("stopped after epoch %d of %d as asked; continue with `fusionkd train --resume %s`",
                      end_epoch, cfg.epochs, self.run_dir)
             return RunResult(self.run_dir, {"finished": False, "epoch": end_epoch, "best": best,
@@ -697,6 +719,7 @@ class Trainer:
         if main:
             summary = self._summary(method, best, last_metrics, params, data_sizes, info, device)
             atomic_write_text(json.dumps(summary, indent=2), self.run_dir / "summary.json")
+            _end_callbacks(callbacks, summary, self.run_dir, None)
         summary = D.broadcast_object(summary, dist_info)
         return RunResult(self.run_dir, summary, cfg)
 
@@ -858,29 +881,11 @@ class Trainer:
         if "test" in m:
             val = m.get("val") or {}
             parts.append(f"val {val[head]:.2f}" if head in val else "val -")
-            parts.append(f"test {m['test'][head]:.2f} ({head})")
+            parts.append(f"test {m['test'][head]:.2f} ({head})" if head in m["test"] else "test not read")
             others = [f"{h} {a:.2f}" for h, a in m["test"].items() if h != head]
             if others:
                 parts.append("other heads test: " + ", ".join(others))
         return " | ".join(parts)
-
-    def _tensorboard(self):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as e:
-            raise ConfigError("tensorboard=true needs the tensorboard package: pip install tensorboard") from e
-        return SummaryWriter(str(self.run_dir / "tb"))
-
-    @staticmethod
-    def _write_tensorboard(writer, m: dict[str, Any]) -> None:
-        step = m["epoch"]
-        for k, v in m["train"].items():
-            writer.add_scalar(f"train/{k}", v, step)
-        for split in ("val", "test"):
-            for head, acc in (m.get(split) or {}).items():
-                writer.add_scalar(f"{split}/{head}", acc, step)
-        writer.add_scalar("lr", m["lr"], step)
-        writer.add_scalar("img_per_s", m["img_per_s"], step)
 
     def _summary(self, method: Method, best, last: dict[str, Any], params, data_sizes, info: DatasetInfo,
                  device) -> dict[str, Any]:
