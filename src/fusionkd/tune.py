@@ -292,8 +292,11 @@ def recover_interrupted(study, report: Report) -> int:
         pid = t.user_attrs.get("pid")
         if t.user_attrs.get("host") != host or pid is None or _alive(int(pid)):
             continue
-        study._storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL)
-        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", f"process {pid} died while training it")
+        try:
+            study._storage.set_trial_user_attr(t._trial_id, "fail_reason", f"process {pid} died while training it")
+            study._storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another process of this study recovered it first
         if t.params:
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
         report(f"trial {t.number} was interrupted (process {pid} is gone): marked failed, its parameters queued again")
