@@ -32,6 +32,11 @@ class AugmentConfig:
     padding_mode: str = "zero"  #: "zero" or "reflect"
     flip: bool = True  #: random horizontal flip
     cutout: int = 0  #: side of the cutout square (0 disables)
+    mixup: float = 0.0  #: MixUp Beta(a, a) parameter (0 disables; 0.2-1 typical); labels become soft targets
+    cutmix: float = 0.0  #: CutMix Beta(a, a) parameter (0 disables; 1 typical); with mixup, 1/2 of batches each
+    mix_prob: float = 1.0  #: probability that a batch is mixed (when mixup or cutmix is on)
+    randaugment: int = 0  #: RandAugment ops per image (0 disables; 2 typical)
+    randaugment_magnitude: int = 9  #: RandAugment magnitude, 0..30
 
 
 @dataclass
@@ -154,6 +159,11 @@ RANGES: dict[str, Range] = {
     "image_size": Range(4, 4096, why="pixels of the square input"),
     "augment.crop_padding": Range(0, None, why="pixels; 0 disables the random crop"),
     "augment.cutout": Range(0, None, why="side of the square in pixels; 0 disables cutout"),
+    "augment.mixup": Range(0.0, 100.0, why="the Beta(a, a) parameter; 0 disables MixUp"),
+    "augment.cutmix": Range(0.0, 100.0, why="the Beta(a, a) parameter; 0 disables CutMix"),
+    "augment.mix_prob": Range(0.0, 1.0, why="a probability"),
+    "augment.randaugment": Range(0, 16, why="ops per image; 0 disables RandAugment"),
+    "augment.randaugment_magnitude": Range(0, 30, why="RandAugment's magnitude scale"),
     "epochs": Range(1, 1_000_000),
     "batch_size": Range(1, None),
     "lr": Range(0.0, None, lo_open=True, why="a positive learning rate"),

@@ -610,6 +610,8 @@ class Trainer:
         train_loader = DeviceLoader(
             splits.train, info, batch_size=cfg.batch_size, train=True, device=device,
             crop_padding=aug.crop_padding, padding_mode=aug.padding_mode, flip=aug.flip, cutout=aug.cutout,
+            mixup=aug.mixup, cutmix=aug.cutmix, mix_prob=aug.mix_prob, randaugment=aug.randaugment,
+            randaugment_magnitude=aug.randaugment_magnitude, num_classes=len(info.classes),
             seed=cfg.seed, channels_last=cfg.channels_last, rank=dist_info.rank, world_size=dist_info.world_size,
         )
         eval_kw = dict(batch_size=cfg.eval_batch_size, train=False, device=device, channels_last=cfg.channels_last,
