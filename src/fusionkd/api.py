@@ -63,16 +63,20 @@ def _fit(trainer, stop_after: int | None):
 
 
 def list_registered() -> dict[str, list[dict[str, str]]]:
-    """``{"methods": [{name, family, description}], "models": [...], "datasets": [...]}``."""
+    """``{"methods": [{name, family, description, source}], "models": [...], "datasets": [...],
+    "plugin_errors": [...]}``; ``source`` is ``fusionkd``, ``entry point ...`` or ``file PATH``."""
     from .data import DATASETS
     from .methods import METHODS
     from .models import MODELS
+    from .plugins import ERRORS
 
+    src = lambda e: e.extras.get("source", "fusionkd")  # noqa: E731
     return {
-        "methods": [{"name": e.name, "family": e.extras.get("family", ""), "description": e.description}
-                    for e in METHODS.entries()],
-        "models": [{"name": e.name, "description": e.description} for e in MODELS.entries()],
-        "datasets": [{"name": e.name, "description": e.description} for e in DATASETS.entries()],
+        "methods": [{"name": e.name, "family": e.extras.get("family", ""), "description": e.description,
+                     "source": src(e)} for e in METHODS.entries()],
+        "models": [{"name": e.name, "description": e.description, "source": src(e)} for e in MODELS.entries()],
+        "datasets": [{"name": e.name, "description": e.description, "source": src(e)} for e in DATASETS.entries()],
+        "plugin_errors": [{"group": g, "name": n, "error": err} for g, n, err in ERRORS],
     }
 
 

@@ -47,10 +47,24 @@ def _compare_command(args: argparse.Namespace) -> str:
     return shlex.join(parts + list(args.overrides))
 
 
+def _plugins(args: argparse.Namespace, common: dict) -> None:
+    """Load ``--plugin`` files (and ``plugins=[...]``) before any name is looked up; every run gets them."""
+    from .plugins import load_files
+
+    files = list(args.plugin or []) + list(common.get("plugins") or [])
+    if files:
+        common["plugins"] = load_files(files)
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare.grid import CompareSpec, compare, parse_method_options, parse_names, parse_seeds
     from .compare.report import by_table, results_table
 
+    early = dict(parse_override(o) for o in args.overrides if o.startswith("plugins="))
+    _plugins(args, early)
+    if early.get("plugins"):
+        args.overrides = [o for o in args.overrides if not o.startswith("plugins=")]
+        args.overrides.append("plugins=" + json.dumps(early["plugins"]))
     methods = parse_names(args.methods, "method")
     models = parse_names(args.models, "model")
     seeds = parse_seeds(args.seeds)
@@ -168,6 +182,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from . import tune as T
     from .compare.grid import parse_names, parse_seeds
 
+    plugin_common: dict = {}
+    _plugins(args, plugin_common)
     method = parse_names(args.method, "method")[0]
     space_items, stray = [], []
     for item in args.space or []:  # --space takes several values, so trailing key=value land in it too
@@ -175,6 +191,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         is_dist = "=" in item and item.split("=", 1)[1].split(":", 1)[0] in T.KINDS
         (space_items if is_dist or ":" in head else stray).append(item)
     overrides = list(args.overrides) + stray
+    if plugin_common:
+        overrides.append("plugins=" + json.dumps(plugin_common["plugins"]))
     spec = T.TuneSpec(
         method=method, space=T.parse_space(space_items, method, args.space_file), out=Path(args.out),
         trials=args.trials, storage=args.storage, study_name=args.study_name, sampler=args.sampler,
@@ -233,6 +251,8 @@ def add_parsers(sub) -> None:
                         "ffl:lr=0.05 also works)")
     c.add_argument("--rerun-changed", action="store_true",
                    help="replace runs made with other settings (default: stop and list the differences)")
+    c.add_argument("--plugin", action="append", metavar="FILE.py",
+                   help="a local file registering methods/models/datasets (every run loads it)")
     c.set_defaults(func=cmd_compare)
 
     r = sub.add_parser("report", help="rebuild results.csv, report.md and plots from run folders",
@@ -314,4 +334,6 @@ def add_parsers(sub) -> None:
     tu.add_argument("--confirm-seeds", help="then train the best settings, the defaults and the baseline on these "
                                             "seeds (e.g. 0,1,2) through compare")
     tu.add_argument("--confirm-workers", type=int, default=1, help="compare workers of the confirmation")
+    tu.add_argument("--plugin", action="append", metavar="FILE.py",
+                    help="a local file registering methods/models/datasets (every trial loads it)")
     tu.set_defaults(func=cmd_tune)

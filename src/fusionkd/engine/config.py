@@ -49,6 +49,7 @@ class Config:
     models: list[str] | None = None  #: peer networks of online methods (heterogeneous FFL)
     teacher: str | None = None  #: checkpoint of a pre-trained teacher (offline methods)
     options: dict[str, Any] = field(default_factory=dict)  #: the method's own options
+    plugins: list[str] | None = None  #: local .py files that register methods/models/datasets (``--plugin``)
     # -- data
     dataset: str = "fashion-mnist"  #: registered dataset name (``fusionkd list``)
     dataset_options: dict[str, Any] = field(default_factory=dict)  #: e.g. synthetic: num_classes, in_chans
@@ -392,6 +393,12 @@ def resolve_config(
             user = deep_merge(user, nest(layer))
     if overrides:
         user = deep_merge(user, nest(dict(parse_override(o) for o in overrides)))
+    if user.get("plugins"):
+        from ..plugins import load_files
+
+        if not isinstance(user["plugins"], list):
+            user["plugins"] = [user["plugins"]]
+        user["plugins"] = load_files(user["plugins"])  # absolute paths: resume and workers load them again
     method_name = user.get("method", Config.method)
     recipe: dict[str, Any] = {}
     from ..methods import METHODS  # local import: methods depend on models, config must stay light
@@ -417,6 +424,10 @@ def validate(cfg: Config) -> None:
     from ..models import MODELS
     from ..registry import UnknownNameError
 
+    if cfg.plugins:
+        from ..plugins import load_files
+
+        load_files(cfg.plugins)
     for key in ("optimizer", "schedule", "precision", "lr_scale", "progress"):
         _choice(getattr(cfg, key), key)
     _choice(cfg.augment.padding_mode, "augment.padding_mode")
