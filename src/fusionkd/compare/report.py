@@ -119,7 +119,7 @@ def significance_notes(groups: Sequence[GroupStats]) -> list[str]:
     for g in groups:
         if g.method == "baseline" or (g.gain_last is None and g.gain_best is None):
             continue
-        parts = [f"{label}: {v.format()}; {v.detail()}" for label, v in (("last", g.gain_last),
+        parts = [f"{label}: {v.format()} ({v.detail()})" for label, v in (("last", g.gain_last),
                                                                          ("best-val", g.gain_best)) if v]
         lines.append(f"- `{g.method}` vs `baseline`, " + " — ".join(parts))
     return lines

@@ -174,8 +174,8 @@ class Verdict:
         if self.interval is None:
             return f"{self.n_method} vs {self.n_baseline} seed(s): at least 2 of each are needed for an interval"
         kind = (f"paired t over {self.n_method} seeds" if self.paired
-                else f"Welch t ({self.n_method} vs {self.n_baseline} seeds)")
-        out = f"95 % CI [{self.interval.lo:+.2f}, {self.interval.hi:+.2f}] ({kind}, df {self.interval.df:.1f})"
+                else f"Welch t, {self.n_method} vs {self.n_baseline} seeds")
+        out = f"{kind}, df {self.interval.df:.1f}"
         if self.paired:
             out += f", paired p = {_p(self.interval.p)}"
         if self.welch is not None:
