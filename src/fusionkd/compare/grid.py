@@ -54,7 +54,7 @@ log = logging.getLogger("fusionkd")
 
 #: config keys that may differ between a stored run and the requested one (they do not change results)
 IGNORED_KEYS = frozenset({"progress", "log_every", "threads", "eval_batch_size", "tensorboard", "device",
-                          "out_dir", "name"})
+                          "out_dir", "name", "tracker", "tracker_uri", "tracker_experiment"})
 #: keys a comparison sets itself, with what to use instead
 RESERVED_COMMON = {
     "method": "use --methods", "model": "use --models", "seed": "use --seeds", "name": "set by compare",
