@@ -157,3 +157,12 @@ def test_best_settings_are_accepted_by_compare(tmp_path):
     assert cfgs["baseline"].epochs == 1 and cfgs["baseline"].image_size == 16  # the common settings apply to all
     md = (out / "tune.md").read_text()
     assert "fusionkd tune --method frskd --space frskd:beta=int:10:200" in md and "| 0 | complete |" in md
+
+
+def test_a_study_whose_trials_keep_failing_stops_with_the_reason(tmp_path, capsys):
+    # every lr in this range makes the loss overflow: three failed trials, then a clear stop (not a loop)
+    args = ["tune", "--method", "baseline", "--space", "lr=loguniform:1e30:1e31", "--trials", "5", "--out",
+            str(tmp_path / "s"), *TINY, "epochs=1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "3 trials in a row failed" in err and "NaN" in err

@@ -48,6 +48,8 @@ RESERVED = ("method", "seed", "name", "out_dir", "progress", "val_fraction", "da
 NOT_SETTINGS = ("method", "name", "out_dir")
 
 Report = Callable[[str], None]
+#: a study stops after this many failed trials in a row (e.g. every sampled lr makes the loss NaN)
+MAX_FAILURES_IN_A_ROW = 3
 
 
 def _optuna():
@@ -376,22 +378,38 @@ def run_study(spec: TuneSpec, report: Report | None = None):
         run_dir = spec.out / "trials" / f"trial-{trial.number:04d}"
         layer = {"method": spec.method, "out_dir": str(spec.out / "trials"), "name": run_dir.name,
                  "progress": "none"}
-        cfg = resolve_config(base, nest(values), layer)
+        try:
+            cfg = resolve_config(base, nest(values), layer)
+        except ConfigError as e:  # a combination of values the config refuses (each end alone was checked)
+            trial.set_user_attr("error", f"ConfigError: {e}")
+            raise
         trainer = Trainer(cfg, run_dir, overwrite=True)
         trainer.use_test = False
         pruning = PruningCallback(trial)
         trainer.callbacks.append(pruning)
         trial.set_user_attr("run_dir", str(run_dir))
         t0 = time.perf_counter()
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except (NonFiniteLossError, ConfigError) as e:
+            trial.set_user_attr("error", f"{type(e).__name__}: {e}")
+            raise
         best = result.summary["best"]
         head = result.summary["deploy_head"]
         trial.set_user_attr("best_epoch", best["epoch"])
         trial.set_user_attr("seconds", time.perf_counter() - t0)
         return float(best["val"][head])
 
+    failures: list[str] = []
+
     def progress(study, t) -> None:
         total = _counted(study)
+        if t.state.name == "FAIL":
+            failures.append(str(t.user_attrs.get("error", "failed")))
+            if len(failures) >= MAX_FAILURES_IN_A_ROW:
+                study.stop()
+        else:
+            failures.clear()
         params = _fmt_params(t.params)
         state = t.state.name.lower()
         if state == "complete":
@@ -399,7 +417,7 @@ def run_study(spec: TuneSpec, report: Report | None = None):
         elif state == "pruned":
             what = f"pruned at epoch {t.user_attrs.get('pruned_at_epoch')} (val {t.user_attrs.get('last_val', 0):.2f})"
         else:
-            what = f"{state}"
+            what = f"{state}: {failures[-1] if failures else ''}"
         try:
             b = study.best_trial
             best = f"best so far: trial {b.number}, val {b.value:.2f}"
@@ -409,9 +427,12 @@ def run_study(spec: TuneSpec, report: Report | None = None):
         say(f"trial {t.number} [{total}/{spec.trials}] {params} -> {what} | {best} | {secs:.0f}s")
 
     if done < spec.trials:
-        study.optimize(objective, n_trials=None, catch=(NonFiniteLossError,),
+        study.optimize(objective, n_trials=None, catch=(NonFiniteLossError, ConfigError),
                        callbacks=[optuna.study.MaxTrialsCallback(spec.trials, states=(
                            optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)), progress])
+        if len(failures) >= MAX_FAILURES_IN_A_ROW:
+            raise ConfigError(f"{len(failures)} trials in a row failed, the study stops (it resumes with the same "
+                              f"command once the cause is fixed); the last: {failures[-1]}")
     return study
 
 
