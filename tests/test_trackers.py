@@ -89,6 +89,8 @@ def test_mlflow_store_read_back(tmp_path):
     assert run.data.metrics["last/test"] == pytest.approx(done.last_test_accuracy)
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"summary.json", "config.yaml", "metrics.jsonl"} <= arts
+    stored = tmp_path / "mlartifacts" / "fmnist-study"  # beside the database, never in the current folder
+    assert (stored / next(stored.iterdir()).name / "artifacts" / "summary.json").is_file()
 
 
 def test_a_tracker_that_cannot_start_is_refused_before_training(tmp_path):

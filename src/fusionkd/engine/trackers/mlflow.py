@@ -7,7 +7,8 @@ is ``tracker_experiment`` (default: the dataset name) and the MLflow run is name
 
 Logged: every config option as a parameter (dotted names, e.g. ``options.alpha``), the engine's tags
 (method, model, dataset, seed, family, run folder), every :func:`~.base.flat_metrics` scalar per epoch
-(step = epoch), and at the end ``summary.json``, ``config.yaml`` and ``metrics.jsonl`` as artifacts plus
+(step = epoch), and at the end ``summary.json``, ``config.yaml`` and ``metrics.jsonl`` as artifacts (for a
+sqlite store in ``<db folder>/mlartifacts/<experiment>``) plus
 the summary's best/last deploy-head accuracies as metrics. A resumed run continues the same MLflow run
 (its id is kept in ``RUN_DIR/mlflow_run.json``). Only rank 0 logs.
 """
@@ -26,6 +27,16 @@ from .base import Callback, TrackerError, flat_metrics
 
 #: MLflow rejects longer parameter values
 _MAX_PARAM = 6000
+
+
+def _artifact_root(uri: str, experiment: str) -> str | None:
+    """Artifacts of a sqlite store go beside its database (``<db folder>/mlartifacts/<experiment>``), not into
+    the current directory (MLflow's default ``./mlruns``); other stores keep their server's default."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    folder = Path(uri[len("sqlite:///"):]).expanduser().resolve().parent / "mlartifacts"
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment) or "default"
+    return (folder / safe).as_uri()
 
 
 def default_uri(cfg: Any) -> str:
@@ -74,7 +85,10 @@ class MLflowTracker(Callback):
         self.client = MlflowClient(tracking_uri=self.uri)
         name = cfg.tracker_experiment or cfg.dataset
         exp = self.client.get_experiment_by_name(name)
-        self.experiment_id = exp.experiment_id if exp is not None else self.client.create_experiment(name)
+        if exp is None:
+            self.experiment_id = self.client.create_experiment(name, artifact_location=_artifact_root(self.uri, name))
+        else:
+            self.experiment_id = exp.experiment_id
         self.run_id: str | None = None
         self.cfg = cfg
 
