@@ -100,6 +100,12 @@ def test_a_tracker_that_cannot_start_is_refused_before_training(tmp_path):
         resolve_config(RUN, {"tracker": "mlflow", "tracker_uri": "mlflow.db"})
     with pytest.raises(ConfigError, match="only used by tracker=mlflow"):
         resolve_config(RUN, {"tracker_uri": "sqlite:///x.db"})
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:  # a missing package is named before any work
+        for layer in ({"tracker": "tensorboard"}, {"tensorboard": True}):
+            with pytest.raises(ConfigError, match="needs the tensorboard package: pip install tensorboard"):
+                resolve_config(RUN, layer)
     pytest.importorskip("mlflow")
     blocker = tmp_path / "file"
     blocker.write_text("")  # the store's folder would have to be inside a plain file
