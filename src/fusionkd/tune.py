@@ -536,11 +536,19 @@ def confirm(spec: TuneSpec, study, report: Report | None = None) -> dict[str, An
             by["test_last"][r.seed] = r.summary["last"]["test"][head]
         table[arm] = by
     names = list(arms)
-    verdicts = {}
-    for a, b in [(names[-1], names[-2])] + ([(names[-1], names[0]), (names[1], names[0])] if len(names) == 3 else []):
-        verdicts[f"{a} vs {b}"] = {m: compare_groups(table[a][m], table[b][m])
-                                   for m in ("val", "test_best", "test_last")}
-    return {"arms": table, "verdicts": verdicts, "best": best_settings(spec, study), "files": paths}
+    study_seed = int(_base_layers(spec).get("seed", Config.seed))
+    fresh = [s for s in spec.confirm_seeds if s != study_seed]
+    pairs = [(names[-1], names[-2])] + ([(names[-1], names[0]), (names[1], names[0])] if len(names) == 3 else [])
+    verdicts: dict[str, dict[str, Any]] = {}
+    for label, seeds in [("", list(spec.confirm_seeds))] + (
+            [(f" (fresh seeds {', '.join(map(str, fresh))} only)", fresh)]
+            if study_seed in spec.confirm_seeds and len(fresh) >= 2 else []):
+        for a, b in pairs:
+            pick = lambda arm, m, keep=seeds: {k: v for k, v in table[arm][m].items() if k in keep}  # noqa: E731
+            verdicts[f"{a} vs {b}{label}"] = {m: compare_groups(pick(a, m), pick(b, m))
+                                              for m in ("val", "test_best", "test_last")}
+    return {"arms": table, "verdicts": verdicts, "best": best_settings(spec, study), "files": paths,
+            "study_seed": study_seed}
 
 
 def _model(spec: TuneSpec) -> str:
@@ -576,6 +584,11 @@ def write_markdown(spec: TuneSpec, study, confirmation: dict[str, Any] | None) -
         for arm, by in confirmation["arms"].items():
             md.append(f"| {arm} | {_ms(by['val'])} | {_ms(by['test_best'])} | {_ms(by['test_last'])} |")
         md += ["", "Differences (95 % interval, paired by seed; gain/loss only when it excludes zero):", ""]
+        if confirmation.get("study_seed") in spec.confirm_seeds:
+            md += [f"Seed {confirmation['study_seed']} is the seed every trial trained with, so its tuned run repeats "
+                   "the best trial (chosen for its validation accuracy on that seed): the rows over the fresh seeds "
+                   "only are the unbiased ones. Confirm on seeds the study did not use (e.g. `--confirm-seeds "
+                   "1,2,3`) to avoid it.", ""]
         for pair, v in confirmation["verdicts"].items():
             parts = [f"{m}: {x.format()}" for m, x in v.items() if x is not None]
             md.append(f"- {pair}: " + "; ".join(parts))
