@@ -175,6 +175,8 @@ def _tune_command(args: argparse.Namespace, space: list[str], overrides: list[st
                         ("--confirm-seeds", args.confirm_seeds)):
         if value is not None:
             parts += [flag, str(value)]
+    if args.confirm_options:
+        parts += ["--confirm-options", *args.confirm_options]
     return shlex.join(parts + overrides)
 
 
@@ -199,6 +201,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         pruner=args.pruner, sampler_seed=args.sampler_seed, prune_startup=args.prune_startup,
         prune_warmup=args.prune_warmup, common=T.parse_common(overrides), config_file=args.config,
         confirm_seeds=parse_seeds(args.confirm_seeds) if args.confirm_seeds else [],
+        confirm_options=T.parse_common(args.confirm_options or []),
         confirm_workers=args.confirm_workers, command=_tune_command(args, space_items, overrides),
     )
     try:
@@ -334,6 +337,8 @@ def add_parsers(sub) -> None:
     tu.add_argument("--confirm-seeds", help="then train the best settings, the defaults and the baseline on these "
                                             "seeds (e.g. 0,1,2) through compare")
     tu.add_argument("--confirm-workers", type=int, default=1, help="compare workers of the confirmation")
+    tu.add_argument("--confirm-options", nargs="+", action="extend", metavar="KEY=VALUE",
+                    help="settings of the confirmation runs only, for every arm (e.g. eval_every=4)")
     tu.add_argument("--plugin", action="append", metavar="FILE.py",
                     help="a local file registering methods/models/datasets (every trial loads it)")
     tu.set_defaults(func=cmd_tune)

@@ -212,6 +212,9 @@ class TuneSpec:
     common: dict[str, Any] = field(default_factory=dict)  #: key=value settings of every trial
     config_file: str | None = None
     confirm_seeds: list[int] = field(default_factory=list)
+    #: settings of the confirmation runs only (e.g. ``eval_every``: the study prunes per epoch, the
+    #: confirmation may evaluate less often); they apply to all three arms alike
+    confirm_options: dict[str, Any] = field(default_factory=dict)
     confirm_workers: int = 1
     command: str | None = None
 
@@ -505,12 +508,18 @@ def confirm(spec: TuneSpec, study, report: Report | None = None) -> dict[str, An
     from .compare.stats import compare_groups
 
     paths = write_best(spec, study)
-    common = {k: v for k, v in spec.common.items() if k.split(".", 1)[0] not in RESERVED_COMMON}
+    for key in spec.confirm_options:
+        if key.split(".", 1)[0] in RESERVED_COMMON or key in {p.key for p in spec.space}:
+            raise ConfigError(f"--confirm-options {key}: not a setting the confirmation may change (tuned, or "
+                              "set by compare)")
+    common = {k: v for k, v in {**spec.common, **spec.confirm_options}.items()
+              if k.split(".", 1)[0] not in RESERVED_COMMON}
     threads = spec.common.get("threads")
     arms: dict[str, Path] = {}
     methods = ["baseline", spec.method] if spec.method != "baseline" else ["baseline"]
     tuned = CompareSpec(methods=methods, models=[_model(spec)], seeds=list(spec.confirm_seeds),
                         out=spec.out / "confirm", config_file=str(paths["compare"]),
+                        common={k: v for k, v in spec.confirm_options.items()},
                         workers=spec.confirm_workers, threads=threads, title="Confirmation of the tuned settings",
                         command=(spec.command or "fusionkd tune") + "  # --confirm-seeds, tuned settings")
     compare(tuned, report=report)
