@@ -333,7 +333,7 @@ def add_parsers(sub) -> None:
     tu.add_argument("--pruner", default="median", choices=["median", "halving", "none"],
                     help="stop unpromising trials by their per-epoch validation accuracy (default: median)")
     tu.add_argument("--prune-startup", type=int, default=3, help="median: first trials never pruned (default: 3)")
-    tu.add_argument("--prune-warmup", type=int, default=1, help="epochs of a trial never pruned (default: 1)")
+    tu.add_argument("--prune-warmup", type=int, default=1, help="prune from this epoch on (default: 1)")
     tu.add_argument("--confirm-seeds", help="then train the best settings, the defaults and the baseline on these "
                                             "seeds (e.g. 0,1,2) through compare")
     tu.add_argument("--confirm-workers", type=int, default=1, help="compare workers of the confirmation")

@@ -208,7 +208,7 @@ class TuneSpec:
     pruner: str = "median"
     sampler_seed: int | None = 0
     prune_startup: int = 3  #: median: trials that are never pruned; halving: unused
-    prune_warmup: int = 1  #: epochs of each trial that are never pruned
+    prune_warmup: int = 1  #: a trial may be pruned from this epoch on (Optuna's n_warmup_steps; epochs from 1)
     common: dict[str, Any] = field(default_factory=dict)  #: key=value settings of every trial
     config_file: str | None = None
     confirm_seeds: list[int] = field(default_factory=list)
