@@ -69,10 +69,10 @@ def _tune_cmd(out: Path, trials: int, *extra: str) -> list[str]:
             *extra]
 
 
-def test_study_resumes_from_sqlite_after_a_kill(tmp_path):
+def test_study_resumes_from_sqlite_after_a_kill(tmp_path, capsys):
     out = tmp_path / "study"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(_tune_cmd(out, 3, "epochs=6"), env=env, text=True, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_tune_cmd(out, 3, "epochs=3"), env=env, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     # kill it while trial 1 trains (trial 0 finished: its summary exists; trial 1 has a finished epoch)
     deadline = time.time() + 240
@@ -88,7 +88,7 @@ def test_study_resumes_from_sqlite_after_a_kill(tmp_path):
     assert states == ["COMPLETE", "RUNNING"]
     killed_lr = study.get_trials()[1].params["lr"]
 
-    r = subprocess.run(_tune_cmd(out, 3, "epochs=6"), env=env, text=True, capture_output=True, timeout=300)
+    r = subprocess.run(_tune_cmd(out, 3, "epochs=3"), env=env, text=True, capture_output=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "trial 1 was interrupted" in r.stdout
     study = optuna.load_study(study_name="study", storage=storage)
@@ -103,12 +103,12 @@ def test_study_resumes_from_sqlite_after_a_kill(tmp_path):
     best = load_yaml(out / "best.yaml")
     assert best["lr"] == study.best_trial.params["lr"] and best["method"] == "baseline"
     assert resolve_config(best).lr == best["lr"]
-    # asking again for the same number of trials trains nothing
-    again = subprocess.run(_tune_cmd(out, 3, "epochs=6"), env=env, text=True, capture_output=True, timeout=300)
-    assert again.returncode == 0 and "already holds 3 finished trial(s)" in again.stdout
+    # asking again for the same number of trials trains nothing (in this process: nothing is trained)
+    assert main(_tune_cmd(out, 3, "epochs=3")[3:]) == 0
+    assert "already holds 3 finished trial(s)" in capsys.readouterr().out
     # another setting under the same study name is refused, not mixed in
-    other = subprocess.run(_tune_cmd(out, 3, "epochs=5"), env=env, text=True, capture_output=True, timeout=300)
-    assert other.returncode == 2 and "was started with other settings" in other.stderr
+    assert main(_tune_cmd(out, 3, "epochs=5")[3:]) == 2
+    assert "was started with other settings" in capsys.readouterr().err
 
 
 def _write_idx(path: Path, arr: np.ndarray) -> None:
