@@ -91,10 +91,16 @@ def test_stat_and_gain_by_hand():
     assert s.format() == "92.00 ± 2.00"
     one = Stat([91.0])
     assert one.std is None and one.format() == "91.00 ± -" and Stat([]).format() == "-"
-    g = gain(Stat([93.0, 95.0]), s)  # +2.0 against noise max(1.414, 2.0) = 2.0 -> not within (strict <)
-    assert g.value == pytest.approx(2.0) and g.noise == pytest.approx(2.0) and g.within_noise is False
-    assert gain(Stat([92.5, 93.5]), s).within_noise is True
-    assert gain(one, s).within_noise is None and "noise unknown" in gain(one, s).format()
+    base = {0: 90.0, 1: 92.0, 2: 94.0}
+    g = gain({0: 93.0, 5: 95.0}, base)  # different seeds: Welch. diff 2, se sqrt(2/2 + 4/3) = 1.5275
+    assert g.diff == pytest.approx(2.0) and not g.paired and g.interval is g.welch
+    assert g.welch.t == pytest.approx(2.0 / math.sqrt(1 + 4 / 3))
+    assert g.welch.df == pytest.approx((1 + 4 / 3) ** 2 / (1 / 1 + (4 / 3) ** 2 / 2))  # 2.9505
+    assert g.call == "tie" and g.interval.lo < 0 < g.interval.hi
+    p = gain({0: 91.0, 1: 93.0, 2: 95.5}, base)  # same seeds: paired, d = 1, 1, 1.5
+    assert p.paired and p.interval.df == 2 and p.diff == pytest.approx(7 / 6)
+    assert p.interval.lo > 0 and p.call == "gain" and "gain" in p.format()
+    assert gain({0: 91.0}, base).call == "unknown" and "unknown" in gain({0: 91.0}, base).format()
 
 
 def test_aggregation_matches_hand_computation(fabricated):
@@ -119,18 +125,20 @@ def test_aggregation_matches_hand_computation(fabricated):
     # aux heads: mean last test sub2 62, fused 66, ensemble 64.5 -> fused, selected on its own validation
     assert f.aux_head == "fused"
     assert f.aux_last.values == [67, 65] and f.aux_best.values == [64, 63]
-    assert f.gain_last.value == pytest.approx(3.5) and f.gain_last.noise == pytest.approx(1.0)
-    assert f.gain_last.within_noise is False
-    assert f.gain_best.value == pytest.approx(63.5 - 179 / 3) and f.gain_best.within_noise is False
+    # ffl ran seeds 0, 1 and the baseline 0, 1, 2: not paired, Welch (65, 64) vs (61, 60, 62)
+    assert f.gain_last.diff == pytest.approx(3.5) and not f.gain_last.paired
+    assert f.gain_last.welch.t == pytest.approx(3.5 / math.sqrt(0.5 / 2 + 1 / 3))
+    assert f.gain_last.call == "gain"
+    assert f.gain_best.diff == pytest.approx(63.5 - 179 / 3) and f.gain_best.call == "tie"
     assert f.params_extra == 500 and f.train_time_s.mean == pytest.approx(30.5)
 
     k = groups["kd"]
-    assert k.deploy_last.values == [62, 60] and k.gain_last.value == pytest.approx(0.0)
-    assert k.gain_last.within_noise is True  # 0 < max(sqrt(2), 1)
+    assert k.deploy_last.values == [62, 60] and k.gain_last.diff == pytest.approx(0.0)
+    assert k.gain_last.call == "tie" and k.gain_last.welch.p == pytest.approx(1.0)
     assert k.deploy_best.values == [62, 60]  # epoch 2 (60) and epoch 3 (60)
 
     y = groups["byot"]
-    assert y.deploy_last.std is None and y.gain_last.within_noise is None and y.aux_head == "branch1"
+    assert y.deploy_last.std is None and y.gain_last.call == "unknown" and y.aux_head == "branch1"
 
 
 def test_results_csv_rows(fabricated):
@@ -173,9 +181,11 @@ def test_report_markdown_and_cli_regeneration(fabricated, capsys):
     md = (fabricated / "report.md").read_text()
     rows = {ln.split("|")[1].strip(): ln for ln in md.splitlines() if ln.startswith("| ") and "---" not in ln}
     assert "61.00 ± 1.00" in rows["baseline"] and "59.67 ± 2.08" in rows["baseline"]
-    assert "64.50 ± 0.71" in rows["ffl"] and "+3.50 |" in rows["ffl"]
+    assert "64.50 ± 0.71" in rows["ffl"] and "+3.50 [" in rows["ffl"]
     assert "| fused | 66.00 ± 1.41 | 63.50 ± 0.71" in rows["ffl"]
-    assert "+0.00 (within noise)" in rows["kd"] and "± -" in rows["byot"] and "noise unknown" in rows["byot"]
+    assert "+0.00 [" in rows["kd"] and "] tie" in rows["kd"] and "] gain" in rows["ffl"]
+    assert "± -" in rows["byot"] and "unknown" in rows["byot"]
+    assert "- `ffl` vs `baseline`, last: +3.50 [" in md and "Welch p = " in md
     assert "ddof = 1" in md and "## Hardware" in md and "test cpu" in md and "## Settings" in md
     assert "interrupted" in md and "dml" in md  # the unfinished run is named, never averaged
     assert "Seeds: 0, 1, 2 (" in md and len(find_runs([fabricated / "teachers" / "t"])) == 1

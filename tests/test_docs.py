@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -43,18 +42,16 @@ def test_readme_states_exactly_two_setup_commands_that_exist_in_the_makefile():
 
 def test_adding_a_method_example_runs(tmp_path, monkeypatch):
     text = (ROOT / "docs" / "engine.md").read_text()
-    code = re.search(r"```python\n# src/fusionkd/methods/my_kd.py\n(.*?)```", text, re.S).group(1)
-    code = code.replace("from .base", "from fusionkd.methods.base")
-    code = code.replace("from .losses", "from fusionkd.methods.losses")
-    module = type(sys)("my_kd_example")
-    monkeypatch.setitem(sys.modules, "my_kd_example", module)  # dataclasses look their module up
+    code = re.search(r"```python\n# my_kd.py\n(.*?)```", text, re.S).group(1)
+    (tmp_path / "my_kd.py").write_text(code)  # used as the docs say: a --plugin file
     try:
-        exec(compile(code, "docs/engine.md", "exec"), module.__dict__)
         r = fusionkd.train(
             method="my_kd", model="resnet20", dataset="synthetic", image_size=16, epochs=1, batch_size=16,
             dataset_options={"num_classes": 3, "in_chans": 1, "train_size": 48, "test_size": 12},
             out_dir=str(tmp_path), progress="none", threads=1, options={"temperature": 4},
+            plugins=[str(tmp_path / "my_kd.py")],
         )
+        assert METHODS.entry("my_kd").extras["source"] == f"file {tmp_path / 'my_kd.py'}"
         assert set(r.summary["last"]["test"]) == {"a", "b"}
         assert r.summary["params"]["extra"] == r.summary["params"]["deploy"]
     finally:

@@ -101,17 +101,21 @@ class _console_logging:
 
 
 def list_registered() -> dict[str, list[dict[str, str]]]:
-    """``{"methods": [{name, family, description}], "models": [...], "datasets": [...], "presets": [...]}``."""
+    """``{"methods": [{name, family, description, source}], "models": [...], "datasets": [...],
+    "presets": [...], "plugin_errors": [...]}``; ``source`` is ``fusionkd``, ``entry point ...`` or ``file PATH``."""
     from .data import DATASETS
     from .methods import METHODS
     from .models import MODELS
+    from .plugins import ERRORS
     from .presets import list_presets
 
+    src = lambda e: e.extras.get("source", "fusionkd")  # noqa: E731
     return {
-        "methods": [{"name": e.name, "family": e.extras.get("family", ""), "description": e.description}
-                    for e in METHODS.entries()],
-        "models": [{"name": e.name, "description": e.description} for e in MODELS.entries()],
-        "datasets": [{"name": e.name, "description": e.description} for e in DATASETS.entries()],
+        "methods": [{"name": e.name, "family": e.extras.get("family", ""), "description": e.description,
+                     "source": src(e)} for e in METHODS.entries()],
+        "models": [{"name": e.name, "description": e.description, "source": src(e)} for e in MODELS.entries()],
+        "datasets": [{"name": e.name, "description": e.description, "source": src(e)} for e in DATASETS.entries()],
+        "plugin_errors": [{"group": g, "name": n, "error": err} for g, n, err in ERRORS],
         "presets": list_presets(),
     }
 

@@ -181,7 +181,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from . import api
+    from .plugins import load_files
 
+    load_files(args.plugin or [])
     reg = api.list_registered()
     if args.json:
         print(json.dumps(reg, indent=2))
@@ -190,7 +192,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"{section}:")
         for e in sorted(reg[section], key=lambda e: e["name"]):
             fam = f"[{e['family']}] " if e.get("family") else ""
-            print(f"  {e['name']:<16} {fam}{e['description']}")
+            origin = "" if e["source"] == "fusionkd" else f"  (from {e['source']})"
+            print(f"  {e['name']:<16} {fam}{e['description']}{origin}")
+    for err in reg["plugin_errors"]:
+        print(f"plug-in {err['name']} ({err['group']}) failed to load: {err['error']}")
     print("presets (--config NAME; options given on the command line override them):")
     for e in reg["presets"]:
         print(f"  {e['name']:<22} {e['description']}\n  {'':<22} source: {e['source']}")
@@ -235,6 +240,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
 
     ls = sub.add_parser("list", help="methods, models and datasets")
     ls.add_argument("--json", action="store_true")
+    ls.add_argument("--plugin", action="append", metavar="FILE.py", help="also load this plug-in file")
     _add_extra_commands(sub)
     return p, names
 

@@ -1,4 +1,4 @@
-"""The ``compare``, ``report``, ``bench`` and ``demo`` subcommands of the ``fusionkd`` CLI.
+"""The ``compare``, ``report``, ``bench``, ``demo`` and ``tune`` subcommands of the ``fusionkd`` CLI.
 
 ``fusionkd.cli`` calls :func:`add_parsers`; each subcommand's ``func(args) -> exit code`` is a thin layer
 over :mod:`fusionkd.compare`. Bad arguments raise ConfigError/ValueError, which the CLI turns into
@@ -95,11 +95,25 @@ def _compare_command(args: argparse.Namespace) -> str:
     return shlex.join(parts + list(args.overrides))
 
 
+def _plugins(args: argparse.Namespace, common: dict) -> None:
+    """Load ``--plugin`` files (and ``plugins=[...]``) before any name is looked up; every run gets them."""
+    from .plugins import load_files
+
+    files = list(args.plugin or []) + list(common.get("plugins") or [])
+    if files:
+        common["plugins"] = load_files(files)
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare.grid import CompareSpec, compare, parse_method_options, parse_names, parse_seeds
     from .compare.report import by_table
     from .compare.terminal import compact_table
 
+    early = dict(parse_override(o) for o in args.overrides if o.startswith("plugins="))
+    _plugins(args, early)
+    if early.get("plugins"):
+        args.overrides = [o for o in args.overrides if not o.startswith("plugins=")]
+        args.overrides.append("plugins=" + json.dumps(early["plugins"]))
     methods = parse_names(args.methods, "method")
     models = parse_names(args.models, "model")
     seeds = parse_seeds(args.seeds)
@@ -202,6 +216,66 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 1 if res.result.failures else 0
 
 
+# ---------------------------------------------------------------------- tune
+def _tune_command(args: argparse.Namespace, space: list[str], overrides: list[str]) -> str:
+    """The canonical command line of a study (recorded in tune.md)."""
+    parts = ["fusionkd", "tune", "--method", args.method, "--space", *space, "--trials", str(args.trials),
+             "--out", args.out]
+    for flag, value in (("--space-file", args.space_file), ("--storage", args.storage),
+                        ("--study-name", args.study_name), ("--config", args.config),
+                        ("--sampler", args.sampler if args.sampler != "tpe" else None),
+                        ("--pruner", args.pruner if args.pruner != "median" else None),
+                        ("--confirm-seeds", args.confirm_seeds)):
+        if value is not None:
+            parts += [flag, str(value)]
+    if args.confirm_options:
+        parts += ["--confirm-options", *args.confirm_options]
+    return shlex.join(parts + overrides)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from . import tune as T
+    from .compare.grid import parse_names, parse_seeds
+
+    plugin_common: dict = {}
+    _plugins(args, plugin_common)
+    method = parse_names(args.method, "method")[0]
+    space_items, stray = [], []
+    for item in args.space or []:  # --space takes several values, so trailing key=value land in it too
+        head = item.split("=", 1)[0]
+        is_dist = "=" in item and item.split("=", 1)[1].split(":", 1)[0] in T.KINDS
+        (space_items if is_dist or ":" in head else stray).append(item)
+    overrides = list(args.overrides) + stray
+    if plugin_common:
+        overrides.append("plugins=" + json.dumps(plugin_common["plugins"]))
+    spec = T.TuneSpec(
+        method=method, space=T.parse_space(space_items, method, args.space_file), out=Path(args.out),
+        trials=args.trials, storage=args.storage, study_name=args.study_name, sampler=args.sampler,
+        pruner=args.pruner, sampler_seed=args.sampler_seed, prune_startup=args.prune_startup,
+        prune_warmup=args.prune_warmup, common=T.parse_common(overrides), config_file=args.config,
+        confirm_seeds=parse_seeds(args.confirm_seeds) if args.confirm_seeds else [],
+        confirm_options=T.parse_common(args.confirm_options or []),
+        confirm_workers=args.confirm_workers, command=_tune_command(args, space_items, overrides),
+    )
+    try:
+        study = T.run_study(spec, report=_say)
+    except KeyboardInterrupt:
+        print("\ninterrupted; the study is kept in its storage: run the same command again to continue it",
+              file=sys.stderr)
+        return 130
+    paths = T.write_best(spec, study)
+    best = T.best_settings(spec, study)
+    _say(f"best: trial {best['trial']}, val {best['val']:.2f} %: {T._fmt_params(best['values'])}")
+    _say(f"wrote {paths['train']} (fusionkd train --config) and {paths['compare']} (fusionkd compare --config)")
+    confirmation = None
+    if spec.confirm_seeds:
+        confirmation = T.confirm(spec, study, report=_say)
+        for pair, v in confirmation["verdicts"].items():
+            _say(f"{pair}: " + "; ".join(f"{m} {x.format()}" for m, x in v.items() if x is not None))
+    _say(f"wrote {T.write_markdown(spec, study, confirmation)}")
+    return 0
+
+
 # ---------------------------------------------------------------------- parsers
 def add_parsers(sub) -> None:
     """Add ``compare``, ``report``, ``bench``, ``demo`` and ``prepare`` to the ``fusionkd`` subparsers ``sub``."""
@@ -249,6 +323,8 @@ def add_parsers(sub) -> None:
                         "ffl:lr=0.05 also works)")
     c.add_argument("--rerun-changed", action="store_true",
                    help="replace runs made with other settings (default: stop and list the differences)")
+    c.add_argument("--plugin", action="append", metavar="FILE.py",
+                   help="a local file registering methods/models/datasets (every run loads it)")
     c.set_defaults(func=cmd_compare)
 
     r = sub.add_parser("report", help="rebuild results.csv, report.md and plots from run folders",
@@ -301,3 +377,37 @@ def add_parsers(sub) -> None:
     d.add_argument("--workers", type=int, default=2, help="(default: 2)")
     d.add_argument("--threads", type=int, default=1, help="threads per worker (default: 1)")
     d.set_defaults(func=cmd_demo)
+
+    tu = sub.add_parser(
+        "tune", help="hyper-parameter search with Optuna, scored on validation accuracy (resumable study)",
+        description="Search a method's options and config keys with Optuna. Each trial is a training run "
+                    "(OUT/trials/trial-NNNN) scored by the deploy head's best validation accuracy; the test split "
+                    "is never read. The study is kept in --storage (default sqlite:///OUT/study.db): run the "
+                    "same command again to resume it, or in a second shell to share the work. Trailing "
+                    "key=value options are settings of every trial. See docs/tune.md.")
+    tu.add_argument("overrides", nargs="*", metavar="key=value", help="settings of every trial (epochs=4 subset=2000)")
+    tu.add_argument("--method", required=True, help="the method to tune (fusionkd list)")
+    tu.add_argument("--space", nargs="+", action="extend", metavar="[METHOD:]KEY=DIST",
+                    help="e.g. frskd:alpha=loguniform:0.5:4 frskd:beta=int:10:200 lr=loguniform:0.01:0.2; "
+                         "DIST: uniform:LO:HI[:STEP], loguniform:LO:HI, int:LO:HI[:STEP], logint:LO:HI, choice:A,B")
+    tu.add_argument("--space-file", help="YAML mapping [METHOD:]KEY: DIST (string or {type, low, high, step, choices})")
+    tu.add_argument("--trials", type=int, default=20, help="finished (complete or pruned) trials the study should "
+                                                           "hold (default: 20)")
+    tu.add_argument("--out", default="runs/tune", help="study folder (default: runs/tune)")
+    tu.add_argument("--storage", help="Optuna storage URL (default: sqlite:///OUT/study.db)")
+    tu.add_argument("--study-name", help="(default: the name of --out)")
+    tu.add_argument("--config", help="YAML file of settings of every trial (key=value wins over it)")
+    tu.add_argument("--sampler", default="tpe", choices=["tpe", "random"])
+    tu.add_argument("--sampler-seed", type=int, default=0)
+    tu.add_argument("--pruner", default="median", choices=["median", "halving", "none"],
+                    help="stop unpromising trials by their per-epoch validation accuracy (default: median)")
+    tu.add_argument("--prune-startup", type=int, default=3, help="median: first trials never pruned (default: 3)")
+    tu.add_argument("--prune-warmup", type=int, default=1, help="prune from this epoch on (default: 1)")
+    tu.add_argument("--confirm-seeds", help="then train the best settings, the defaults and the baseline on these "
+                                            "seeds (e.g. 0,1,2) through compare")
+    tu.add_argument("--confirm-workers", type=int, default=1, help="compare workers of the confirmation")
+    tu.add_argument("--confirm-options", nargs="+", action="extend", metavar="KEY=VALUE",
+                    help="settings of the confirmation runs only, for every arm (e.g. eval_every=4)")
+    tu.add_argument("--plugin", action="append", metavar="FILE.py",
+                    help="a local file registering methods/models/datasets (every trial loads it)")
+    tu.set_defaults(func=cmd_tune)

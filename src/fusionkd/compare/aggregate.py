@@ -10,8 +10,10 @@ Definitions (also stated in every report):
   engine does). Without a validation split the last evaluated epoch stands in (``selection = "last"``).
 * **std**: sample standard deviation over seeds (``ddof = 1``); undefined (``None``, shown as ``-``) for
   one seed.
-* **gain**: ``mean(method) − mean(baseline)`` for the same dataset and model; *within noise* when
-  ``|gain|`` is smaller than the larger of the two stds.
+* **gain**: ``mean(method) − mean(baseline)`` for the same dataset and model, with its 95 % confidence
+  interval: the paired t interval over per-seed differences when both ran the same seeds (>= 2), else
+  Welch's; plus Welch's two-sided p-value. A *gain* (or *loss*) is called only when the interval excludes
+  zero, else a *tie*; with one seed the call is *unknown* (:mod:`fusionkd.compare.stats`).
 * **best auxiliary head**: among the heads that are never the deploy head in any run of the group, the one
   with the highest mean last-epoch test accuracy.
 """
@@ -29,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .stats import Verdict, compare_groups
 
 #: column order of ``results.csv``
 CSV_COLUMNS = (
@@ -244,30 +248,10 @@ class Stat:
         return f"{self.mean:.{digits}f} ± {std}"
 
 
-@dataclass
-class Gain:
-    """Mean difference to the baseline group of the same dataset and model."""
-
-    value: float
-    noise: float | None  #: the larger std of the two groups, ``None`` when either has one seed
-
-    @property
-    def within_noise(self) -> bool | None:
-        return None if self.noise is None else abs(self.value) < self.noise
-
-    def format(self) -> str:
-        text = f"{self.value:+.2f}"
-        if self.within_noise is None:
-            return text + " (1 seed: noise unknown)"
-        return text + (" (within noise)" if self.within_noise else "")
-
-
-def gain(method: Stat, baseline: Stat) -> Gain | None:
-    if method.mean is None or baseline.mean is None:
-        return None
-    stds = [method.std, baseline.std]
-    noise = None if any(s is None for s in stds) else max(stds)  # type: ignore[type-var]
-    return Gain(method.mean - baseline.mean, noise)
+def gain(method: dict[int, float], baseline: dict[int, float]) -> Verdict | None:
+    """The :class:`~fusionkd.compare.stats.Verdict` of ``{seed: value}`` against the baseline's: mean
+    difference, 95 % interval (paired by seed when the seed sets match, else Welch), Welch's p-value."""
+    return compare_groups(method, baseline)
 
 
 @dataclass
@@ -289,14 +273,21 @@ class GroupStats:
     img_per_s: Stat
     params_deploy: int | None
     params_extra: int | None
-    gain_last: Gain | None = None
-    gain_best: Gain | None = None
+    gain_last: Verdict | None = None
+    gain_best: Verdict | None = None
+    #: ``{seed: value}`` of the deploy head's last / best-val test accuracy (what the verdicts pair on)
+    by_seed_last: dict[int, float] = field(default_factory=dict)
+    by_seed_best: dict[int, float] = field(default_factory=dict)
     #: config keys whose values differ between the seeds of this group (should be empty)
     inconsistent: list[str] = field(default_factory=list)
 
 
 def _values(rows: Iterable[dict[str, Any]], key: str) -> list[float]:
     return [float(r[key]) for r in rows if r.get(key) is not None and not _isnan(r[key])]
+
+
+def _by_seed(rows: Iterable[dict[str, Any]], key: str) -> dict[int, float]:
+    return {int(r["seed"]): float(r[key]) for r in rows if r.get(key) is not None and not _isnan(r[key])}
 
 
 def _isnan(v: Any) -> bool:
@@ -348,18 +339,20 @@ def summarize(records: Sequence[RunRecord]) -> list[GroupStats]:
             train_time_s=Stat(_values(deploy_rows, "train_time_s")),
             img_per_s=Stat(_values(deploy_rows, "img_per_s")),
             params_deploy=params_deploy, params_extra=params_extra, inconsistent=_inconsistent_keys(recs),
+            by_seed_last=_by_seed(deploy_rows, "last_test"), by_seed_best=_by_seed(deploy_rows, "test_at_best_val"),
         ))
     base = {(g.dataset, g.model): g for g in out if g.method == "baseline"}
     for g in out:
         b = base.get((g.dataset, g.model))
         if b is not None and g.method != "baseline":
-            g.gain_last, g.gain_best = gain(g.deploy_last, b.deploy_last), gain(g.deploy_best, b.deploy_best)
+            g.gain_last, g.gain_best = gain(g.by_seed_last, b.by_seed_last), gain(g.by_seed_best, b.by_seed_best)
     return out
 
 
 #: config keys that legitimately differ between runs (identity, output, runtime-only settings)
-RUNTIME_KEYS = frozenset({"seed", "name", "out_dir", "progress", "log_every", "eval_test", "threads", "eval_batch_size",
-                          "tensorboard", "device"})
+RUNTIME_KEYS = frozenset({"seed", "name", "out_dir", "progress", "log_every", "eval_test", "threads",
+                          "eval_batch_size", "tensorboard", "device", "tracker", "tracker_uri",
+                          "tracker_experiment"})
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

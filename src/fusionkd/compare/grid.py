@@ -55,7 +55,7 @@ log = logging.getLogger("fusionkd")
 
 #: config keys that may differ between a stored run and the requested one (they do not change results)
 IGNORED_KEYS = frozenset({"progress", "log_every", "eval_test", "threads", "eval_batch_size", "tensorboard", "device",
-                          "out_dir", "name"})
+                          "out_dir", "name", "tracker", "tracker_uri", "tracker_experiment"})
 #: keys a comparison sets itself, with what to use instead
 RESERVED_COMMON = {
     "method": "use --methods", "model": "use --models", "seed": "use --seeds", "name": "set by compare",
@@ -182,7 +182,10 @@ class CompareSpec:
     common: dict[str, Any] = field(default_factory=dict)  #: config options of every run (dotted keys allowed)
     #: per-method settings, as from :func:`parse_method_options`
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    config_file: str | None = None  #: a YAML file of common options (under ``common``)
+    #: a YAML file of common options (under ``common``); its optional ``method_options: {METHOD: {KEY: VALUE}}``
+    #: section adds per-method settings (``--method-options`` wins over it), e.g. ``fusionkd tune``'s
+    #: ``best-compare.yaml``
+    config_file: str | None = None
     teacher_model: str | None = None
     teacher_epochs: int | None = None
     workers: int = 1
@@ -259,12 +262,32 @@ def _decide(task: Task, rerun_changed: bool) -> str | None:
     return None
 
 
+def file_layers(spec: CompareSpec) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The config file's common options and its ``method_options`` section (checked like the CLI's)."""
+    if not spec.config_file:
+        return {}, {}
+    from ..engine.config import load_yaml
+
+    data = load_yaml(spec.config_file)
+    section = data.pop("method_options", None) or {}
+    if not isinstance(section, dict) or not all(isinstance(v, dict) for v in section.values()):
+        raise ConfigError(f"{spec.config_file}: method_options must map METHOD to {{KEY: VALUE}}, got {section!r}")
+    unknown = sorted(set(section) - set(spec.methods))
+    if unknown:
+        log.info("%s: method_options for %s ignored (not in --methods)", spec.config_file, ", ".join(unknown))
+    items = [f"{m}:{k}={json.dumps(v)}" for m, opts in section.items() if m in spec.methods for k, v in opts.items()]
+    per_method = parse_method_options(items, spec.methods)
+    for m, opts in spec.method_options.items():
+        per_method[m] = {**per_method.get(m, {}), **opts}
+    return data, per_method
+
+
 def _teacher_config(spec: CompareSpec, common: dict[str, Any]) -> Config:
     """The baseline teacher's config: the comparison's data and optimisation settings, seed 0."""
     layer = {"method": "baseline", "model": spec.teacher_model, "seed": 0, "progress": "none"}
     if spec.teacher_epochs is not None:
         layer["epochs"] = spec.teacher_epochs
-    cfg = resolve_config(common, layer, config_file=spec.config_file)
+    cfg = resolve_config(file_layers(spec)[0], common, layer)
     key = {k: v for k, v in flatten(cfg.to_dict()).items() if k.split(".", 1)[0] not in IGNORED_KEYS}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:8]
     cfg.out_dir = str(spec.out / "teachers")
@@ -321,6 +344,7 @@ def plan(spec: CompareSpec) -> tuple[Task | None, list[Task]]:
         teacher_path = str((tcfg.run_dir / "best.pt").resolve())
 
     tasks: list[Task] = []
+    from_file, per_method = file_layers(spec)
     runs_dir = spec.out / "runs"
     grid = [(model, method, seed) for model in spec.models for method in spec.methods for seed in spec.seeds]
     for i, (model, method, seed) in enumerate(grid, 1):
@@ -330,7 +354,7 @@ def plan(spec: CompareSpec) -> tuple[Task | None, list[Task]]:
         if needs:
             layer["teacher"] = str(Path(teacher_path).resolve()) if teacher_path else None
             layer.update(outside)
-        cfg = resolve_config(common, spec.method_options.get(method, {}), layer, config_file=spec.config_file)
+        cfg = resolve_config(from_file, common, per_method.get(method, {}), layer)
         label = f"[{i}/{len(grid)}] {method} {model} seed {seed}"
         tasks.append(Task(label, cfg, method, model, seed, index=i, needs_teacher=needs))
 

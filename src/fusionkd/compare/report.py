@@ -46,8 +46,11 @@ DEFINITIONS = (
     "head is selected by its own validation accuracy when the runs tested every epoch (`eval_test=every`), "
     "else it is reported at the deploy head's best epoch (selection `deploy-val`). Values are mean ± sample "
     "std over seeds (ddof = 1; `-` for a single seed). "
-    "**gain** is mean(method) − mean(baseline) for the same model; *within noise* when |gain| is smaller "
-    "than the larger of the two stds. **best aux head**: among the heads that are never deployed, the one "
+    "**gain** is mean(method) − mean(baseline) for the same model with its 95 % confidence interval "
+    "[lo, hi]: the paired t interval over the per-seed differences when both ran the same seeds, else "
+    "Welch's; it reads *gain* or *loss* only when the interval excludes zero, *tie* otherwise, and "
+    "*unknown* with one seed (the intervals and Welch's p-values are listed under each table). "
+    "**best aux head**: among the heads that are never deployed, the one "
     "with the highest mean last-epoch test accuracy (e.g. a fused, ensemble or self-teacher classifier). "
     "**train time** is the mean training time per run (evaluation excluded); **img/s** is training "
     "throughput; **extra params** are the parameters trained or used beyond the deployed network."
@@ -111,6 +114,18 @@ def results_table(groups: Sequence[GroupStats]) -> str:
                  _count(g.params_extra)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def significance_notes(groups: Sequence[GroupStats]) -> list[str]:
+    """One line per method of a table: the test behind each gain cell (interval, df, p-values)."""
+    lines = []
+    for g in groups:
+        if g.method == "baseline" or (g.gain_last is None and g.gain_best is None):
+            continue
+        parts = [f"{label}: {v.format()} ({v.detail()})" for label, v in (("last", g.gain_last),
+                                                                         ("best-val", g.gain_best)) if v]
+        lines.append(f"- `{g.method}` vs `baseline`, " + " — ".join(parts))
+    return lines
 
 
 def by_table(groups: Sequence[GroupStats]) -> dict[tuple[str, str], list[GroupStats]]:
@@ -320,6 +335,10 @@ def write_report(records: Sequence[RunRecord], out_dir: str | Path, *, title: st
     md += [DEFINITIONS, ""]
     for (dataset, model), gs in by_table(groups).items():
         md += [f"## {model} on {dataset}", "", results_table(gs), ""]
+        notes = significance_notes(gs)
+        if notes:
+            md += ["Significance (95 % intervals of the difference to the baseline, deploy head's test "
+                   "accuracy):", "", *notes, ""]
         for g in gs:
             if g.inconsistent:
                 keys = ", ".join(f"`{k}`" for k in g.inconsistent)

@@ -231,6 +231,9 @@ class LoadRequest:
     download: bool
     image_size: int | None
     cache_dir: Path | None
+    #: False: the caller will not look at the test split; a loader may skip reading its files (fashion-mnist
+    #: does) and whatever it returns as test is dropped by :func:`load_dataset`
+    with_test: bool = True
 
 
 LoaderFn = Callable[..., SourceSplits]
@@ -335,6 +338,7 @@ def load_dataset(
     seed: int = 0,
     image_size: int | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    with_test: bool = True,
     **options: Any,
 ) -> DataSplits:
     """Load dataset ``name`` into memory and split it into train / val / test.
@@ -355,6 +359,8 @@ def load_dataset(
             image folders, digits and synthetic images are produced at this size directly.
         cache_dir: where decoded image folders are cached (default: next to the data, else
             ``$FUSIONKD_DATA/.cache``, else ``~/.cache/fusionkd``).
+        with_test: False returns an empty test split (0 images) and never hands the test images to anyone;
+            Fashion-MNIST does not even open its test files then (what ``fusionkd tune`` uses).
         **options: dataset-specific options (e.g. ``synthetic``: ``num_classes``, ``in_chans``,
             ``train_size``, ``test_size``; ``imagefolder``: ``channels``); unknown ones raise.
 
@@ -390,8 +396,11 @@ def load_dataset(
         download=download,
         image_size=image_size,
         cache_dir=Path(cache_dir).expanduser() if cache_dir is not None else None,
+        with_test=with_test,
     )
     src = entry.obj(req, **options)
+    if not with_test:
+        src.test = ArrayDataset(src.train.images[:0].clone(), src.train.labels[:0].clone())
     num_classes = len(src.classes)
     if isinstance(src, StoreSource):
         return _split_store(name, src, val_fraction, subset, seed, t0)
@@ -470,10 +479,13 @@ FASHION_MNIST_FILES = {
 }
 
 
-def _find_idx_files(folder: Path) -> tuple[dict[str, Path], list[str]]:
-    """The four files in ``folder`` (``.gz`` or uncompressed) and the names of the missing ones."""
+def _find_idx_files(folder: Path, with_test: bool = True) -> tuple[dict[str, Path], list[str]]:
+    """The four files in ``folder`` (``.gz`` or uncompressed; the two train files only when not
+    ``with_test``) and the names of the missing ones."""
     found, missing = {}, []
     for key, stem in FASHION_MNIST_FILES.items():
+        if not with_test and key.startswith("test"):
+            continue
         for cand in (folder / f"{stem}.gz", folder / stem):
             if cand.is_file():
                 found[key] = cand
@@ -491,7 +503,7 @@ def _load_fashion_mnist(req: LoadRequest) -> SourceSplits:
     for folder in searched:
         if not folder.is_dir():
             continue
-        files, missing = _find_idx_files(folder)
+        files, missing = _find_idx_files(folder, req.with_test)
         if not missing:
             break
         if files:
@@ -511,8 +523,13 @@ def _load_fashion_mnist(req: LoadRequest) -> SourceSplits:
         )
     logger.info("reading Fashion-MNIST from %s", folder)
     x_tr, y_tr = read_idx_pair(files["train_images"], files["train_labels"])
-    x_te, y_te = read_idx_pair(files["test_images"], files["test_labels"])
-    for path, y in ((files["train_labels"], y_tr), (files["test_labels"], y_te)):
+    if req.with_test:
+        x_te, y_te = read_idx_pair(files["test_images"], files["test_labels"])
+    else:  # the test files are not opened at all
+        x_te, y_te = x_tr[:0], y_tr[:0]
+    for path, y in ((files["train_labels"], y_tr), (files.get("test_labels"), y_te)):
+        if y.size == 0:
+            continue
         if y.min() < 0 or y.max() >= 10:
             raise DataFormatError(f"{path}: labels outside 0..9 ({y.min()}..{y.max()})")
     return SourceSplits(

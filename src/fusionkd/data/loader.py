@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .datasets import ArrayDataset, DatasetInfo
+from .mixing import MAX_MAGNITUDE, MixDraws, RandAugmentDraws, draw_mixing, draw_randaugment, mix_batch, randaugment
 
 logger = logging.getLogger(__name__)
 
@@ -253,15 +254,21 @@ def augment_batch(
 
 
 def _transform(images: torch.Tensor, draws: AugmentDraws | None, scale: torch.Tensor, shift: torch.Tensor, *,
-               crop: bool, padding: int, padding_mode: str, cutout: int, channels_last: bool) -> torch.Tensor:
-    """crop/flip (uint8, when ``crop``) -> memory format -> normalise (float32) -> cutout; no augmentation
-    when ``draws`` is None. Shared by :func:`augment_batch` and :class:`DeviceLoader`."""
+               crop: bool, padding: int, padding_mode: str, cutout: int, channels_last: bool,
+               ra: RandAugmentDraws | None = None, ra_magnitude: int = 0) -> torch.Tensor:
+    """crop/flip (uint8, when ``crop``) -> memory format -> RandAugment (when ``ra``) -> normalise (float32)
+    -> cutout; no augmentation when ``draws`` is None. Shared by :func:`augment_batch` and
+    :class:`DeviceLoader`."""
     x = images
     if draws is not None and crop:
         x = crop_flip(x, draws.offsets_y, draws.offsets_x, draws.flips, padding=padding,
                       padding_mode=padding_mode, channels_last=channels_last)
     elif channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
+    if ra is not None:
+        x = randaugment(x, ra, ra_magnitude)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
     x = normalize(x, scale, shift)
     if draws is not None and cutout > 0:
         assert draws.cutout_y is not None and draws.cutout_x is not None
@@ -279,10 +286,14 @@ class EpochPlan:
     Attributes:
         indices: int64 ``(num_samples,)``: dataset indices in the order they are served.
         draws: augmentation of each served sample (position-aligned with ``indices``); None in eval mode.
+        randaugment: the RandAugment ops of each served sample, when on.
+        mix: the MixUp/CutMix draws of each batch, when on.
     """
 
     indices: torch.Tensor
     draws: AugmentDraws | None
+    randaugment: RandAugmentDraws | None = None
+    mix: MixDraws | None = None
 
 
 class DeviceLoader:
@@ -324,6 +335,11 @@ class DeviceLoader:
         padding_mode: ``"zero"`` or ``"reflect"``.
         flip: random horizontal flips; training only.
         cutout: side of the cutout square in pixels, 0 = off; training only.
+        mixup, cutmix: Beta(alpha, alpha) parameters of MixUp / CutMix, 0 = off; training only. When either
+            is on, every training batch's labels are soft targets ``(B, num_classes)`` float32
+            (:mod:`fusionkd.data.mixing`), and ``num_classes`` is required.
+        mix_prob: probability that a batch is mixed.
+        randaugment: RandAugment ops per image, 0 = off; ``randaugment_magnitude`` in 0..30.
         drop_last: drop the last incomplete batch; default True in training, False in evaluation.
         seed: base seed of the permutation and the augmentation.
         rank, world_size: this process's shard.
@@ -348,6 +364,12 @@ class DeviceLoader:
         padding_mode: str = "zero",
         flip: bool = True,
         cutout: int = 0,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
+        mix_prob: float = 1.0,
+        randaugment: int = 0,
+        randaugment_magnitude: int = 9,
+        num_classes: int | None = None,
         drop_last: bool | None = None,
         seed: int = 0,
         rank: int = 0,
@@ -376,6 +398,17 @@ class DeviceLoader:
         if not isinstance(cutout, int) or cutout < 0:
             raise ValueError(f"cutout must be an int >= 0 (0 = off), got {cutout!r}")
 
+        if mixup < 0 or cutmix < 0 or not 0.0 <= mix_prob <= 1.0:
+            raise ValueError(f"mixup and cutmix must be >= 0 (0 = off) and mix_prob in [0, 1], got mixup={mixup}, "
+                             f"cutmix={cutmix}, mix_prob={mix_prob}")
+        if (mixup > 0 or cutmix > 0) and not num_classes:
+            raise ValueError("mixup/cutmix make soft targets: pass num_classes")
+        if not isinstance(randaugment, int) or randaugment < 0 or not 0 <= randaugment_magnitude <= MAX_MAGNITUDE:
+            raise ValueError(f"randaugment must be an int >= 0 and randaugment_magnitude in 0..{MAX_MAGNITUDE}, got "
+                             f"{randaugment!r} and {randaugment_magnitude!r}")
+        self.mixup, self.cutmix, self.mix_prob = float(mixup), float(cutmix), float(mix_prob)
+        self.randaugment, self.randaugment_magnitude = randaugment, int(randaugment_magnitude)
+        self.num_classes = num_classes
         self.device = torch.device(device)
         self.train = bool(train)
         self.batch_size = batch_size
@@ -440,7 +473,15 @@ class DeviceLoader:
         draws = draw_augmentation(
             len(perm), h, w, padding=self.crop_padding, flip=self.flip, cutout=self.cutout, generator=g_aug
         )
-        return EpochPlan(perm, draws)
+        ra = mix = None
+        if self.randaugment:  # own streams: turning one augmentation on leaves the others' draws unchanged
+            g_ra = torch.Generator().manual_seed(derive_seed(self.seed, epoch, self.rank, 0x5A))
+            ra = draw_randaugment(len(perm), self.randaugment, g_ra)
+        if self.mixup > 0 or self.cutmix > 0:
+            n_batches = math.ceil(len(perm) / self.batch_size)
+            mix = draw_mixing(n_batches, self.batch_size, h, w, mixup=self.mixup, cutmix=self.cutmix,
+                              prob=self.mix_prob, seed=derive_seed(self.seed, epoch, self.rank, 0x3B))
+        return EpochPlan(perm, draws, ra, mix)
 
     # ------------------------------------------------------------------------------- batches
 
@@ -457,16 +498,26 @@ class DeviceLoader:
         indices = plan.indices.to(self.device)
         assert plan.draws is not None
         draws = plan.draws.to(self.device)
-        for s in range(0, total, self.batch_size):
+        ra = plan.randaugment.to(self.device) if plan.randaugment is not None else None
+        mix = plan.mix
+        perms = mix.perm.to(self.device) if mix is not None else None
+        for b, s in enumerate(range(0, total, self.batch_size)):
             e = min(s + self.batch_size, total)
             idx = indices[s:e]
-            images = self._transform(self.images.index_select(0, idx), draws[s:e])
-            yield images, self.labels.index_select(0, idx)
+            images = self._transform(self.images.index_select(0, idx), draws[s:e], ra[s:e] if ra is not None else None)
+            labels = self.labels.index_select(0, idx)
+            if mix is not None:
+                box = tuple(int(v) for v in mix.box[b])
+                images, labels = mix_batch(images, labels, self.num_classes, int(mix.mode[b]), float(mix.lam[b]),
+                                           perms[b], box)
+            yield images, labels
 
-    def _transform(self, x: torch.Tensor, draws: AugmentDraws | None) -> torch.Tensor:
+    def _transform(self, x: torch.Tensor, draws: AugmentDraws | None, ra: RandAugmentDraws | None = None
+                   ) -> torch.Tensor:
         return _transform(
             x, draws, self._scale, self._shift, crop=self.crop_padding > 0 or self.flip, padding=self.crop_padding,
-            padding_mode=self.padding_mode, cutout=self.cutout, channels_last=self.channels_last,
+            padding_mode=self.padding_mode, cutout=self.cutout, channels_last=self.channels_last, ra=ra,
+            ra_magnitude=self.randaugment_magnitude,
         )
 
     def _iter_eval(self, indices: torch.Tensor, total: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

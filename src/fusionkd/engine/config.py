@@ -32,6 +32,11 @@ class AugmentConfig:
     padding_mode: str = "zero"  #: "zero" or "reflect"
     flip: bool = True  #: random horizontal flip
     cutout: int = 0  #: side of the cutout square (0 disables)
+    mixup: float = 0.0  #: MixUp Beta(a, a) parameter (0 disables; 0.2-1 typical); labels become soft targets
+    cutmix: float = 0.0  #: CutMix Beta(a, a) parameter (0 disables; 1 typical); with mixup, 1/2 of batches each
+    mix_prob: float = 1.0  #: probability that a batch is mixed (when mixup or cutmix is on)
+    randaugment: int = 0  #: RandAugment ops per image (0 disables; 2 typical)
+    randaugment_magnitude: int = 9  #: RandAugment magnitude, 0..30
 
 
 @dataclass
@@ -48,6 +53,7 @@ class Config:
     teacher_min_accuracy: float | None = None  #: refuse an outside teacher below this val accuracy (%)
     weights: str | None = None  #: weights file that initialises the deployed network (or every peer)
     options: dict[str, Any] = field(default_factory=dict)  #: the method's own options
+    plugins: list[str] | None = None  #: local .py files that register methods/models/datasets (``--plugin``)
     # -- data
     dataset: str = "fashion-mnist"  #: registered dataset name (``fusionkd list``)
     dataset_options: dict[str, Any] = field(default_factory=dict)  #: e.g. synthetic: num_classes, in_chans
@@ -88,6 +94,9 @@ class Config:
     out_dir: str = "runs"  #: parent folder of run folders
     name: str | None = None  #: run folder name; default ``{dataset}/{method}-{model}-s{seed}``
     tensorboard: bool = False  #: also write TensorBoard events (needs the tensorboard package)
+    tracker: str = "none"  #: experiment trackers, comma-separated: "none", "tensorboard", "mlflow"
+    tracker_uri: str | None = None  #: MLflow tracking URI; default ``sqlite:///<out_dir>/mlflow.db``
+    tracker_experiment: str | None = None  #: MLflow experiment name; default: the dataset name
     progress: str = "auto"  #: "auto" (bar on a terminal, log lines otherwise), "bar", "log", "none"
     log_every: int = 0  #: steps between progress refreshes; 0: by time (1 s on a terminal); each costs one host sync
 
@@ -159,6 +168,11 @@ RANGES: dict[str, Range] = {
     "image_size": Range(4, 4096, why="pixels of the square input"),
     "augment.crop_padding": Range(0, None, why="pixels; 0 disables the random crop"),
     "augment.cutout": Range(0, None, why="side of the square in pixels; 0 disables cutout"),
+    "augment.mixup": Range(0.0, 100.0, why="the Beta(a, a) parameter; 0 disables MixUp"),
+    "augment.cutmix": Range(0.0, 100.0, why="the Beta(a, a) parameter; 0 disables CutMix"),
+    "augment.mix_prob": Range(0.0, 1.0, why="a probability"),
+    "augment.randaugment": Range(0, 16, why="ops per image; 0 disables RandAugment"),
+    "augment.randaugment_magnitude": Range(0, 30, why="RandAugment's magnitude scale"),
     "epochs": Range(1, 1_000_000),
     "batch_size": Range(1, None),
     "lr": Range(0.0, None, lo_open=True, why="a positive learning rate"),
@@ -394,6 +408,12 @@ def resolve_config(
             user = deep_merge(user, nest(layer))
     if overrides:
         user = deep_merge(user, nest(dict(parse_override(o) for o in overrides)))
+    if user.get("plugins"):
+        from ..plugins import load_files
+
+        if not isinstance(user["plugins"], list):
+            user["plugins"] = [user["plugins"]]
+        user["plugins"] = load_files(user["plugins"])  # absolute paths: resume and workers load them again
     method_name = user.get("method", Config.method)
     recipe: dict[str, Any] = {}
     from ..methods import METHODS  # local import: methods depend on models, config must stay light
@@ -420,6 +440,10 @@ def validate(cfg: Config) -> None:
     from ..models import MODELS
     from ..registry import UnknownNameError
 
+    if cfg.plugins:
+        from ..plugins import load_files
+
+        load_files(cfg.plugins)
     for key in ("optimizer", "schedule", "precision", "lr_scale", "progress", "eval_test", "normalize"):
         _choice(getattr(cfg, key), key)
     _choice(cfg.augment.padding_mode, "augment.padding_mode")
@@ -444,6 +468,9 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(f"{key}={value} is larger than the {size}x{size} images of this run; accepted "
                                   f"0..{size}")
     check_run_name(cfg)
+    from .trackers import check_tracker
+
+    check_tracker(cfg)
     if cfg.nesterov and cfg.optimizer != "sgd":
         raise ConfigError("nesterov=true needs optimizer=sgd")
     if cfg.nesterov and cfg.momentum <= 0:

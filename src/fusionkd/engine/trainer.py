@@ -11,7 +11,8 @@ Run folder layout (``out_dir/name``)::
     last.pt          checkpoint after the last finished epoch (everything needed to resume exactly)
     best.pt          checkpoint of the epoch with the best validation accuracy of the deploy head
     summary.json     best (by validation) and last epoch accuracies, time, throughput, parameters
-    tb/              TensorBoard events (tensorboard=true)
+    tb/              TensorBoard events (tracker=tensorboard or tensorboard=true)
+    mlflow_run.json  the MLflow run this folder logs to (tracker=mlflow)
 """
 
 from __future__ import annotations
@@ -61,12 +62,13 @@ from .normalize import apply_normalize
 from .optim import build_optimizer, build_scheduler
 from .progress import Progress
 from .rundir import RunLock, RunLockedError, clear_folder, folder_entries, has_finished_epoch
+from .trackers import Callback, build_trackers
 
 log = logging.getLogger("fusionkd")
 
 #: options that may differ when a run is resumed (everything else must match the checkpoint)
 RESUME_MUTABLE = {"epochs", "progress", "log_every", "threads", "eval_batch_size", "tensorboard", "device",
-                  "eval_test"}
+                  "eval_test", "tracker", "tracker_uri", "tracker_experiment"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -314,6 +316,16 @@ def evaluate(method: Method, loader: DeviceLoader, amp, dist_info: D.DistInfo | 
     return {n: 100.0 * c / max(counts[-1], 1) for n, c in zip(names, counts[:-1])}
 
 
+def _end_callbacks(callbacks: list[Callback], summary: dict[str, Any] | None, run_dir: Path,
+                   error: BaseException | None) -> None:
+    """``on_run_end`` of every callback; a failing one is logged, never allowed to hide the run's outcome."""
+    for cb in callbacks:
+        try:
+            cb.on_run_end(summary, run_dir, error)
+        except Exception as e:  # noqa: BLE001
+            log.warning("%s.on_run_end failed: %s: %s", type(cb).__name__, type(e).__name__, e)
+
+
 # ---------------------------------------------------------------------- the run
 def _read_config_yaml(run_dir: Path) -> dict[str, Any]:
     import yaml
@@ -394,6 +406,10 @@ class Trainer:
         #: where the progress display also writes its state as JSON (``fusionkd compare`` reads it)
         self.status_file: Path | None = None
         self._data_fingerprint: str | None = None
+        #: extra :class:`~fusionkd.engine.trackers.Callback` objects (rank 0), after the config's trackers
+        self.callbacks: list[Callback] = []
+        #: False: the test split is neither loaded nor evaluated (``fusionkd tune``: choices see validation only)
+        self.use_test = True
         self.dist = D.env_info()
         self._file_handler: logging.Handler | None = None
         self._lock: RunLock | None = None
@@ -615,7 +631,8 @@ class Trainer:
 
         splits: DataSplits = load_dataset(
             cfg.dataset, cfg.data_dir, download=cfg.download, val_fraction=cfg.val_fraction,
-            subset=cfg.subset, seed=cfg.data_seed, image_size=cfg.image_size, **cfg.dataset_options,
+            subset=cfg.subset, seed=cfg.data_seed, image_size=cfg.image_size, with_test=self.use_test,
+            **cfg.dataset_options,
         )
         splits = apply_normalize(splits, cfg.normalize)
         info = splits.info
@@ -641,12 +658,14 @@ class Trainer:
         train_loader = make_loader(
             splits.train, info, batch_size=cfg.batch_size, train=True, device=device,
             crop_padding=aug.crop_padding, padding_mode=aug.padding_mode, flip=aug.flip, cutout=aug.cutout,
+            mixup=aug.mixup, cutmix=aug.cutmix, mix_prob=aug.mix_prob, randaugment=aug.randaugment,
+            randaugment_magnitude=aug.randaugment_magnitude, num_classes=len(info.classes),
             seed=cfg.seed, channels_last=cfg.channels_last, rank=dist_info.rank, world_size=dist_info.world_size,
         )
         eval_kw = dict(batch_size=cfg.eval_batch_size, train=False, device=device, channels_last=cfg.channels_last,
                        rank=dist_info.rank, world_size=dist_info.world_size)
         val_loader = make_loader(splits.val, info, **eval_kw) if splits.val is not None and len(splits.val) else None
-        test_loader = make_loader(splits.test, info, **eval_kw)
+        test_loader = make_loader(splits.test, info, **eval_kw) if self.use_test else None
         if len(train_loader) == 0:
             raise ConfigError(
                 f"batch_size={cfg.batch_size} is larger than the {len(splits.train)} training images "
@@ -701,7 +720,9 @@ class Trainer:
             log.info("teacher %s (%s), recorded test accuracy %s", method.ctx.teacher.model_name,
                      method.ctx.teacher.meta.get("path"), f"{acc:.2f}%" if acc is not None else "n/a")
 
-        writer = self._tensorboard() if cfg.tensorboard and main else None
+        callbacks = [*build_trackers(cfg, self.run_dir), *self.callbacks] if main else []
+        for cb in callbacks:
+            cb.on_run_start(cfg.to_dict(), self.run_dir, start_epoch)
         progress = Progress(cfg.progress if main else "none", cfg.epochs, len(train_loader), start_epoch,
                             status_file=self.status_file if main else None)
         self._model, self._signature = method, None
@@ -719,44 +740,48 @@ class Trainer:
                     t0 = time.perf_counter()
                     val = self._eval(method, val_loader, amp, progress, epoch, "val") if val_loader is not None else {}
                     metrics["val"] = val
-                    if final or cfg.eval_test == "every":  # before on_validation: it may drop heads (mfkd)
+                    # the test split: at the end, or every evaluation with eval_test=every; never when use_test
+                    # is off (fusionkd tune); before on_validation, which may drop heads (mfkd)
+                    if test_loader is not None and (final or cfg.eval_test == "every"):
                         metrics["test"] = self._eval(method, test_loader, amp, progress, epoch, "test")
                     method.on_validation(val)
                     self._last_val = val.get(method.deploy_head)
                     metrics["time_eval_s"] = time.perf_counter() - t0
                 metrics["deploy_head"] = method.deploy_head
                 best = self._update_best(best, metrics, method.deploy_head)
-                if final and best is not None and best.get("test") is None:
+                if final and test_loader is not None and best is not None and best.get("test") is None:
                     t0 = time.perf_counter()
                     best = {**best, "test": self._test_best_weights(method, test_loader, amp, progress, epoch, best)}
                     metrics["time_eval_s"] = metrics.get("time_eval_s", 0.0) + time.perf_counter() - t0
                 last_metrics = metrics
                 if main:
                     self._append_metrics(metrics)
-                    if writer is not None:
-                        self._write_tensorboard(writer, metrics)
                     state = self._checkpoint(method, optimizer, scheduler, scaler, epoch + 1, metrics, best, common)
                     atomic_save(state, self.run_dir / "last.pt")
                     if best is not None and best["epoch"] == epoch + 1:
                         atomic_save(state, self.run_dir / "best.pt")
                     elif final and best is not None:
                         self._record_best_test(best)
+                    for cb in callbacks:  # after last.pt: a callback that stops the run leaves it resumable
+                        cb.on_epoch_end(metrics)
                 line = self._epoch_line(metrics, method.deploy_head)
                 progress.epoch_end(epoch, line, {**metrics, "val_deploy": self._last_val})
                 if progress.mode != "log" and main:  # the bar / silence still leave the epoch in train.log
                     self._file_handler.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, line, None, None))
                 D.barrier(dist_info)  # no rank runs ahead of the checkpoint it could resume from
+        except BaseException as e:
+            _end_callbacks(callbacks, None, self.run_dir, e)
+            raise
         finally:
             progress.close()
-            if writer is not None:
-                writer.close()
 
         if end_epoch < cfg.epochs:
+            _end_callbacks(callbacks, None, self.run_dir, None)
             log.info("stopped after epoch %d of %d as asked; continue with `fusionkd train --resume %s`",
                      end_epoch, cfg.epochs, self.run_dir)
             return RunResult(self.run_dir, {"finished": False, "epoch": end_epoch, "best": best,
                                             "deploy_head": method.deploy_head}, cfg)
-        if best is not None and best.get("test") is None:  # a run from before test-at-the-end, or a stop
+        if test_loader is not None and best is not None and best.get("test") is None:  # a stop, an old run
             best = {**best, "test": self._test_best_weights(method, test_loader, amp, progress, cfg.epochs - 1, best)}
             if main:
                 self._record_best_test(best)
@@ -764,6 +789,7 @@ class Trainer:
         if main:
             summary = self._summary(method, best, last_metrics, params, data_sizes, info, device)
             atomic_write_text(json.dumps(summary, indent=2), self.run_dir / "summary.json")
+            _end_callbacks(callbacks, summary, self.run_dir, None)
         summary = D.broadcast_object(summary, dist_info)
         return RunResult(self.run_dir, summary, cfg)
 
@@ -966,24 +992,6 @@ class Trainer:
             parts.append(f"test {m['test'][head]:.2f}")
         return " | ".join(parts)
 
-    def _tensorboard(self):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as e:
-            raise ConfigError("tensorboard=true needs the tensorboard package: pip install tensorboard") from e
-        return SummaryWriter(str(self.run_dir / "tb"))
-
-    @staticmethod
-    def _write_tensorboard(writer, m: dict[str, Any]) -> None:
-        step = m["epoch"]
-        for k, v in m["train"].items():
-            writer.add_scalar(f"train/{k}", v, step)
-        for split in ("val", "test"):
-            for head, acc in (m.get(split) or {}).items():
-                writer.add_scalar(f"{split}/{head}", acc, step)
-        writer.add_scalar("lr", m["lr"], step)
-        writer.add_scalar("img_per_s", m["img_per_s"], step)
-
     def _summary(self, method: Method, best, last: dict[str, Any], params, data_sizes, info: DatasetInfo,
                  device) -> dict[str, Any]:
         lines = [json.loads(ln) for ln in (self.run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
@@ -1003,7 +1011,7 @@ class Trainer:
             "run_dir": str(self.run_dir),
             "deploy_head": method.deploy_head,
             "deploy_model": getattr(method, "deploy_model_name", cfg.model),
-            "heads": sorted((last.get("test") or {}).keys()),
+            "heads": sorted((last.get("test") or last.get("val") or {}).keys()),
             "best": best,
             "last": {"epoch": last.get("epoch"), "val": last.get("val") or {}, "test": last.get("test") or {}},
             "params": params,

@@ -1,0 +1,149 @@
+"""Plug-ins: methods, models and datasets from other packages or from a local file, without forking fusionkd.
+
+* **Installed packages** declare Python entry points in the groups ``fusionkd.methods``, ``fusionkd.models``
+  and ``fusionkd.datasets``. An entry point may name a module (importing it runs its ``@register_method`` /
+  ``@register_model`` / ``@register_dataset`` decorators) or an object: a :class:`~fusionkd.methods.Method`
+  subclass, or a model factory ``fn(num_classes, in_chans, **kw)``, which is registered under the entry
+  point's name. They are loaded once, when :mod:`fusionkd.methods` is first imported.
+* **A local file** for one run: ``plugins=[my_method.py]`` in a config (``fusionkd train --plugin
+  my_method.py``; compare and tune take ``--plugin`` too). The file is imported before the config is
+  validated; its absolute path is kept in ``config.yaml``, so ``--resume`` and compare's worker processes
+  load it again.
+
+Every registry entry records where it came from (``extras["source"]``): ``fusionkd``, ``entry point
+<distribution> <version> (<module:object>)`` or ``file <path>``; ``fusionkd list`` shows it. A plug-in that
+fails to import is reported by ``fusionkd list`` and in the log, and never breaks the built-in names.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import inspect
+import logging
+import sys
+import types
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .engine.config import ConfigError
+
+log = logging.getLogger("fusionkd")
+
+GROUPS = ("fusionkd.methods", "fusionkd.models", "fusionkd.datasets")
+#: entry points that could not be loaded: ``(group, name, error)``
+ERRORS: list[tuple[str, str, str]] = []
+_loaded_entry_points = False
+_loaded_files: dict[str, types.ModuleType] = {}
+
+
+class PluginError(ConfigError):
+    """A plug-in file or entry point that cannot be used; the message says which and why."""
+
+
+def _registries():
+    from .data import DATASETS
+    from .methods import METHODS
+    from .models import MODELS
+
+    return {"fusionkd.methods": METHODS, "fusionkd.models": MODELS, "fusionkd.datasets": DATASETS}
+
+
+def _snapshot() -> dict[str, set[str]]:
+    return {g: set(r.names()) for g, r in _registries().items()}
+
+
+def _mark_new(before: dict[str, set[str]], source: str) -> list[str]:
+    new = []
+    for group, reg in _registries().items():
+        for name in reg.names():
+            if name not in before[group]:
+                reg.entry(name).extras.setdefault("source", source)
+                new.append(f"{group.split('.')[1][:-1]} {name}")
+    return new
+
+
+def _register_object(group: str, name: str, obj: Any) -> None:
+    """An entry point that names an object rather than a module: register it under ``name``."""
+    from .methods import Method, register_method
+    from .models import register_model
+
+    doc = (inspect.getdoc(obj) or "").split("\n", 1)[0]
+    if group == "fusionkd.methods":
+        if not (inspect.isclass(obj) and issubclass(obj, Method)):
+            raise PluginError(f"entry point {name!r} of fusionkd.methods must name a module or a Method subclass, "
+                              f"got {obj!r}")
+        if getattr(obj, "name", None) and obj.name in _registries()[group]:
+            return  # the class registered itself with @register_method when its module was imported
+        register_method(name, doc)(obj)
+    elif group == "fusionkd.models":
+        if not callable(obj):
+            raise PluginError(f"entry point {name!r} of fusionkd.models must name a module or a model factory")
+        if name not in _registries()[group]:
+            register_model(name, doc)(obj)
+    else:
+        raise PluginError(f"entry point {name!r} of fusionkd.datasets must name a module whose loaders use "
+                          "@register_dataset (a dataset needs its in_chans/image_size/num_classes)")
+
+
+def load_entry_points(force: bool = False) -> None:
+    """Import every ``fusionkd.*`` entry point of the installed distributions (once)."""
+    global _loaded_entry_points
+    if _loaded_entry_points and not force:
+        return
+    _loaded_entry_points = True
+    for reg in _registries().values():
+        for e in reg.entries():
+            e.extras.setdefault("source", "fusionkd")
+    for group in GROUPS:
+        for ep in importlib.metadata.entry_points(group=group):
+            dist = getattr(ep, "dist", None)
+            source = f"entry point {dist.name} {dist.version} ({ep.value})" if dist else f"entry point ({ep.value})"
+            before = _snapshot()
+            try:
+                obj = ep.load()
+                if not isinstance(obj, types.ModuleType):
+                    _register_object(group, ep.name, obj)
+            except Exception as e:  # noqa: BLE001 - a broken plug-in must not break fusionkd
+                ERRORS.append((group, ep.name, f"{type(e).__name__}: {e}"))
+                log.warning("plug-in %s (%s, %s) could not be loaded: %s: %s", ep.name, group, source,
+                            type(e).__name__, e)
+                continue
+            _mark_new(before, source)
+
+
+def load_files(paths: Iterable[str | Path]) -> list[str]:
+    """Import local plug-in files (each once per process); returns their absolute paths.
+
+    Raises PluginError for a missing file, one that is not ``.py``, or one that fails to import.
+    """
+    out = []
+    for p in paths:
+        path = Path(p).expanduser().resolve()
+        key = str(path)
+        out.append(key)
+        if key in _loaded_files:
+            continue
+        if not path.is_file() or path.suffix != ".py":
+            raise PluginError(f"plug-in {str(p)!r}: no such Python file (expected a .py file that registers "
+                              "methods/models/datasets with @register_method/@register_model/@register_dataset)")
+        load_entry_points()
+        before = _snapshot()
+        name = f"fusionkd_plugin_{path.stem}_{abs(hash(key)) % 10**8}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:
+            del sys.modules[name]
+            raise PluginError(f"plug-in {key} failed to import: {type(e).__name__}: {e}") from e
+        _loaded_files[key] = module
+        new = _mark_new(before, f"file {key}")
+        if not new:
+            log.warning("plug-in %s registered nothing (use @register_method, @register_model or "
+                        "@register_dataset)", key)
+        else:
+            log.info("plug-in %s: %s", key, ", ".join(new))
+    return out

@@ -1,0 +1,1 @@
+"""Example fusionkd plug-in package (see docs/engine.md, "Plug-ins")."""
