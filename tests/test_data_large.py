@@ -403,7 +403,8 @@ def test_store_loader_cuda_matches_cpu(trees, tmp_path, crop):
 def test_train_cli_tinyimagenet_and_exact_resume(trees, tmp_path):
     flags = ["train", "--dataset", "tinyimagenet", "--epochs", "2", "--batch-size", "4", "--eval-batch-size", "8",
              "--progress", "none", "--threads", "1", "--out-dir", str(tmp_path / "runs")]
-    kv = [f"data_dir={trees}", f"dataset_options.store_dir={tmp_path / 's'}", "val_fraction=0.2", "augment.cutout=8"]
+    kv = [f"data_dir={trees}", f"dataset_options.store_dir={tmp_path / 's'}", "val_fraction=0.2", "augment.cutout=8",
+          "augment.mixup=0.4", "augment.cutmix=1.0"]  # mixing on the store resumes exactly too
     assert main(flags + ["--name", "full"] + kv) == 0
     assert main(flags + ["--name", "part", "--stop-after", "1"] + kv) == 0
     assert main(["train", "--resume", str(tmp_path / "runs/part")]) == 0

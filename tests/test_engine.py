@@ -126,8 +126,10 @@ def test_run_folder_contents(finished_run):
     assert s["params"]["deploy"] == sum(p.numel() for p in fusionkd.models.create_model(
         "resnet20", num_classes=4, in_chans=1).parameters())
     assert s["params"]["extra"] == 0
+    fingerprint = s["data"].pop("fingerprint")
     assert s["data"] == {"train": 72, "val": 24, "test": 40, "name": "synthetic", "subset": None,
-                         "val_fraction": 0.25}
+                         "val_fraction": 0.25, "data_dir": None}
+    assert isinstance(fingerprint, str) and len(fingerprint) == 16
     best = load_checkpoint(d / "best.pt")
     assert best["epoch"] == best_epoch and best["metrics"]["test"] == s["best"]["test"]  # tested on its weights
     assert s["eval_time_s"] > 0

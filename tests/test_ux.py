@@ -183,3 +183,12 @@ def test_report_never_puts_two_image_folders_in_one_row(tmp_path):
                    out_dir=str(runs), name="r0-s1", progress="none")
     files = report_from_folders([runs], tmp_path / "rep2", plots=False)
     assert sorted(len(g.seeds) for g in files.groups) == [1, 2]
+
+
+def test_bf16_is_recommended_only_where_it_was_measured_faster():
+    from fusionkd.engine.trainer import cpu_bf16_advice
+
+    assert cpu_bf16_advice({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})[0] == "bf16"
+    prec, why = cpu_bf16_advice({"avx512f", "avx512_bf16"})
+    assert prec == "fp32" and "no AMX" in why
+    assert cpu_bf16_advice({"sse4_2", "avx2"})[0] == "fp32"

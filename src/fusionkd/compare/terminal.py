@@ -1,8 +1,9 @@
 """A compact results table for a terminal (``fusionkd compare`` prints it; ``report.md`` has the full one).
 
-Eight columns that fit in about 100 characters: method, seeds, the deploy head's test accuracy at the
-best-validation epoch and at the last epoch (mean ± std), the gain over the baseline at the best-validation
-epoch, the best auxiliary head, and training time per run.
+Seven columns that fit in about 100 characters: method, seeds, the deploy head's test accuracy at the
+best-validation epoch and at the last epoch (mean ± std), the difference to the baseline at the
+best-validation epoch with the report's call on it (gain / loss only when the 95 % interval excludes zero,
+else tie; unknown with one seed), the best auxiliary head, and training time per run.
 """
 
 from __future__ import annotations
@@ -30,9 +31,8 @@ def compact_table(groups: Sequence[GroupStats]) -> str:
             gain = "(reference)"
         elif g.gain_best is None:
             gain = "-"
-        else:
-            gain = f"{g.gain_best.value:+.2f}" + {None: " (1 seed)", True: " (noise)", False: ""}[
-                g.gain_best.within_noise]
+        else:  # the difference and report's call on it (gain / loss only when the 95 % interval excludes 0)
+            gain = f"{g.gain_best.diff:+.2f} {g.gain_best.call}"
         aux = f"{g.aux_head} {g.aux_best.mean:.2f}" if g.aux_head and g.aux_best.mean is not None else "-"
         rows.append([g.method, str(len(g.seeds)), g.deploy_best.format(), g.deploy_last.format(), gain, aux,
                      _time(g.train_time_s.mean)])

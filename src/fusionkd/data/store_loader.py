@@ -366,11 +366,66 @@ class StoreLoader:
                 f"{self.world_size}, workers={self.workers})")
 
 
-def make_loader(data: ArrayDataset | StoreSplit, norm, batch_size: int, **kwargs) -> DeviceLoader | StoreLoader:
+class MixingStoreLoader:
+    """A training :class:`StoreLoader` whose batches are mixed (MixUp / CutMix) as :class:`DeviceLoader` mixes
+    them: the same draws (:func:`~fusionkd.data.mixing.draw_mixing`, seeded by (seed, epoch, rank)), the same
+    soft targets, so exact resume holds on the store too."""
+
+    def __init__(self, inner: StoreLoader, *, mixup: float, cutmix: float, mix_prob: float, num_classes: int):
+        if mixup < 0 or cutmix < 0 or not 0.0 <= mix_prob <= 1.0:
+            raise ValueError(f"mixup and cutmix must be >= 0 (0 = off) and mix_prob in [0, 1], got mixup={mixup}, "
+                             f"cutmix={cutmix}, mix_prob={mix_prob}")
+        if not num_classes:
+            raise ValueError("mixup/cutmix make soft targets: pass num_classes")
+        self.inner = inner
+        self.mixup, self.cutmix, self.mix_prob, self.num_classes = mixup, cutmix, mix_prob, num_classes
+        self._epoch: int | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.inner.set_epoch(epoch)
+        self._epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        from .loader import derive_seed
+        from .mixing import draw_mixing, mix_batch
+
+        if self._epoch is None:
+            raise RuntimeError("call set_epoch(epoch) before iterating a mixing store loader")
+        size = self.inner.output_size
+        mix = draw_mixing(len(self.inner), self.inner.batch_size, size, size, mixup=self.mixup, cutmix=self.cutmix,
+                          prob=self.mix_prob, seed=derive_seed(self.inner.seed, self._epoch, self.inner.rank, 0x3B))
+        perms = mix.perm.to(self.inner.device)
+        for b, (images, labels) in enumerate(self.inner):
+            box = tuple(int(v) for v in mix.box[b])
+            yield mix_batch(images, labels, self.num_classes, int(mix.mode[b]), float(mix.lam[b]), perms[b], box)
+
+
+def make_loader(data: ArrayDataset | StoreSplit, norm, batch_size: int, **kwargs
+                ) -> DeviceLoader | StoreLoader | MixingStoreLoader:
     """The loader for ``data``: :class:`DeviceLoader` for an in-memory split, :class:`StoreLoader` for a
-    store split (same keyword arguments; ``StoreLoader``-only ones are ignored for in-memory data)."""
+    store split (same keyword arguments; ``StoreLoader``-only ones are ignored for in-memory data).
+
+    On a store, MixUp/CutMix wrap the loader (:class:`MixingStoreLoader`); RandAugment is not available there
+    yet (its ops run on uint8 images before normalisation, inside :class:`DeviceLoader`) and is refused."""
     if isinstance(data, StoreSplit):
-        return StoreLoader(data, norm, batch_size, **kwargs)
+        mixup, cutmix = float(kwargs.pop("mixup", 0.0)), float(kwargs.pop("cutmix", 0.0))
+        mix_prob = float(kwargs.pop("mix_prob", 1.0))
+        num_classes = kwargs.pop("num_classes", None)
+        ra, _ = int(kwargs.pop("randaugment", 0)), kwargs.pop("randaugment_magnitude", None)
+        if ra:
+            raise ValueError("augment.randaugment is not available for data read from a store (imagenet, cub200, "
+                             "tinyimagenet, or storage=store); use it with in-memory data (storage=memory)")
+        loader = StoreLoader(data, norm, batch_size, **kwargs)
+        if (mixup > 0 or cutmix > 0) and loader.train:
+            return MixingStoreLoader(loader, mixup=mixup, cutmix=cutmix, mix_prob=mix_prob,
+                                     num_classes=int(num_classes or 0))
+        return loader
     for key in ("crop", "output_size", "workers", "prefetch", "scale", "ratio"):
         kwargs.pop(key, None)
     return DeviceLoader(data, norm, batch_size, **kwargs)
