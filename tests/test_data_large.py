@@ -494,3 +494,14 @@ def test_torchrun_ranks_read_only_their_share_of_one_store(trees, tmp_path):
     _torchrun([str(HERE / "ddp_worker.py"), json.dumps(settings), str(out)])
     p0, p1 = (torch.load(out / f"rank{r}.pt", weights_only=True)["params"] for r in range(2))
     assert p0.keys() == p1.keys() and all(torch.equal(p0[k], p1[k]) for k in p0)
+
+
+def test_imagenet_preset_trains_on_the_official_layout(trees, tmp_path):
+    # the shipped frskd-imagenet preset, shrunk: its dataset, random-resized crop and normalisation are kept
+    r = fusionkd.train(config="frskd-imagenet", data_dir=str(trees / "csv/imagenet"), model="resnet20",
+                       image_size=32, epochs=1, milestones=None, batch_size=4, eval_batch_size=8, val_fraction=0.2,
+                       dataset_options={"store_dir": str(tmp_path / "in")}, progress="none", threads=1,
+                       out_dir=str(tmp_path / "r"), name="preset")
+    s = r.summary
+    assert s["finished"] and s["method"] == "frskd" and s["dataset"] == "imagenet"
+    assert load_checkpoint(r.run_dir / "last.pt")["config"]["normalize"] == "imagenet"

@@ -354,6 +354,10 @@ def test_presets_are_listed_and_resolve_with_overrides(capsys):
     fine = resolve_config(config_file="frskd-finegrained")
     assert (fine.batch_size, fine.epochs, fine.milestones) == (32, 200, [100, 150])
     assert resolve_config(config_file="ffl-imagenet").milestones == [30, 60]
+    # the official-layout readers (read through the store, ImageNet-style random-resized crop at 224 px)
+    assert [resolve_config(config_file=n).dataset for n in ("frskd-tinyimagenet", "frskd-finegrained",
+                                                           "frskd-imagenet", "ffl-imagenet")] == \
+        ["tinyimagenet", "cub200", "imagenet", "imagenet"]
     with pytest.raises(ConfigError, match="nor is it a preset name: ffl-imagenet"):
         resolve_config(config_file="frskd-imagenett")
     assert main(["list"]) == 0
