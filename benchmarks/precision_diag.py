@@ -69,9 +69,13 @@ def main() -> None:
         method = build_method(cfg, info, torch.device("cpu")).to(memory_format=torch.channels_last)
         method.train()
         dtypes: dict[str, Counter] = defaultdict(Counter)
-        hooks = [m.register_forward_hook(lambda mod, i, o, kind=type(m).__name__: dtypes[kind].update(
-            [str(o.dtype).replace("torch.", "")]) if torch.is_tensor(o) else None)
-            for m in method.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))]
+
+        def record(mod: nn.Module, _inputs, out, seen=dtypes) -> None:
+            if torch.is_tensor(out):
+                seen[type(mod).__name__].update([str(out.dtype).replace("torch.", "")])
+
+        hooks = [m.register_forward_hook(record) for m in method.modules()
+                 if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))]
         g = torch.Generator().manual_seed(1)
         images = torch.randn(args.batch, 1, 28, 28, generator=g).contiguous(memory_format=torch.channels_last)
         labels = torch.randint(0, 10, (args.batch,), generator=g)

@@ -116,6 +116,9 @@ class Config:
         return Path(self.out_dir) / self.run_name
 
 
+#: zoo entries that only rebuild a deployed network (``fusionkd eval/export``) and cannot be trained
+DEPLOY_ONLY_MODELS = frozenset({"fused_peers"})
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("sgd", "adamw"),
     "schedule": ("multistep", "cosine", "constant"),
@@ -458,6 +461,10 @@ def validate(cfg: Config) -> None:
         hint = (f" ({users[0]!r} names a user module object: register it again in this process with "
                 f"fusionkd.models.register_module(module, name={users[0]!r}) before resuming)" if users else "")
         raise ConfigError(f"{e}{hint}") from None
+    for m in [cfg.model, *(cfg.models or [])]:
+        if m in DEPLOY_ONLY_MODELS:
+            raise ConfigError(f"model={m!r} is the deployed network of ffl/mfef with options.deploy=fused, not a "
+                              "network to train; train method=ffl (or mfef) options.deploy=fused instead")
     _check_ranges(cfg)
     if cfg.warmup_epochs > cfg.epochs:
         raise ConfigError(f"warmup_epochs={cfg.warmup_epochs:g} is longer than the run (epochs={cfg.epochs})")

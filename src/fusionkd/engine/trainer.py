@@ -996,7 +996,7 @@ class Trainer:
                 # read at every checkpoint: an online method may switch to a peer of another architecture
                 "model": getattr(method, "deploy_model_name", common["deploy_name"]),
                 "head": method.deploy_head,
-                "model_kwargs": {},
+                "model_kwargs": dict(getattr(method, "deploy_model_kwargs", None) or {}),
                 "state_dict": {k: v.detach().clone() for k, v in deploy.state_dict().items()},
             },
         }

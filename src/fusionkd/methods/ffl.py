@@ -22,8 +22,9 @@ Optimisation **[code]**: SGD with Nesterov momentum, weight decay 1e-4 for the n
 and 1e-5 for the fusion module and fused classifier (``fusion_weight_decay``, its own parameter group).
 
 Heads: ``sub1..subm``, ``ensemble`` (mean logits), ``fused``. Deploy: the sub-network with the best
-validation accuracy (``best_peer`` buffer). The fused classifier needs every sub-network, so it is not a
-zoo network: it is evaluated as the ``fused`` head, but the deployable network is a sub-network.
+validation accuracy (``best_peer`` buffer), or with ``options.deploy=fused`` (``ffl``, ``mfef``) every
+sub-network + the fusion module as one network whose output is the ``fused`` head
+(:mod:`fusionkd.methods.fused_deploy`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 
 from .base import Method, MethodContext, register_method
+from .fused_deploy import FusedDeployment, check_deploy
 from .fusion import FusionModule, ffl_rampup_epochs, fusion_mutual_loss
 from .losses import sigmoid_rampup
 from .peers import BestPeerDeployment, PeerNetworks, resolve_peer_names
@@ -111,12 +113,16 @@ class FusionOnlineMethod(BestPeerDeployment, Method):
         ]
 
     def summary_extras(self) -> dict[str, Any]:
-        return {"peers": self.peers.names, "deployed_peer": self.deploy_head,
-                "rampup_epochs": self.rampup_length}
+        out = {"peers": self.peers.names, "deployed_peer": self.deploy_head,
+               "rampup_epochs": self.rampup_length}
+        if getattr(self.options, "deploy", "best_peer") == "fused":
+            out["deploy"] = "fused"
+            out["deploy_costs"] = self.deploy_costs()
+        return out
 
 
 @register_method("ffl", "Feature Fusion Learning: independent (heterogeneous) sub-networks + fusion module")
-class FFL(FusionOnlineMethod):
+class FFL(FusedDeployment, FusionOnlineMethod):
     accepts_models = True
 
     @dataclass
@@ -128,11 +134,13 @@ class FFL(FusionOnlineMethod):
         rampup_epochs: float | None = None  #: R of the sigmoid ramp-up (default 80/300 of the epochs)
         fusion_weight_decay: float = 1e-5  #: weight decay of the fusion module and fused classifier
         batched_peers: bool = False  #: run same-architecture sub-networks as one vmap-ed computation
+        deploy: str = "best_peer"  #: "best_peer" (one sub-network) or "fused" (all of them + the fusion module)
 
         def validate(self) -> None:
             if self.peers is not None and self.peers < 2:
                 raise ValueError(f"peers must be at least 2, got {self.peers}")
             _check_common(self.temperature, self.rampup_epochs, self.fusion_weight_decay)
+            check_deploy("ffl", self.deploy, shared_trunk=False)
 
     def __init__(self, ctx: MethodContext, options: Options | None = None) -> None:
         super().__init__(ctx, options)

@@ -52,12 +52,13 @@ class FusionModule(nn.Module):
 
     def fused_map(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
         """``[(B, C_k, H, W)]`` -> the fused map ``(B, c_out, H, W)`` (before pooling)."""
-        if [m.shape[1] for m in maps] != self.in_channels:
-            got = [m.shape[1] for m in maps]
-            raise ValueError(f"fusion module built for maps of {self.in_channels} channels, not {got}")
-        sizes = {tuple(m.shape[-2:]) for m in maps}
-        if len(sizes) != 1:
-            raise ValueError(f"the fusion module concatenates maps of one H x W, got sizes {sorted(sizes)}")
+        if not torch.jit.is_tracing():  # eager checks (the ONNX tracer sees sizes as tensors)
+            if [m.shape[1] for m in maps] != self.in_channels:
+                got = [m.shape[1] for m in maps]
+                raise ValueError(f"fusion module built for maps of {self.in_channels} channels, not {got}")
+            sizes = {tuple(m.shape[-2:]) for m in maps}
+            if len(sizes) != 1:
+                raise ValueError(f"the fusion module concatenates maps of one H x W, got sizes {sorted(sizes)}")
         x = torch.cat(list(maps), dim=1)
         x = self.relu(self.bn1(self.depthwise(x)))
         return self.relu(self.bn2(self.pointwise(x)))

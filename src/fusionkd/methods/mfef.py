@@ -35,6 +35,7 @@ from ..models.layers import conv_bn_relu, init_weights
 from .base import MethodContext, register_method
 from .dml import mutual_kl
 from .ffl import FusionOnlineMethod, _check_common
+from .fused_deploy import FusedDeployment, check_deploy
 from .fusion import fusion_mutual_loss
 from .peers import PeerNetworks, resolve_peer_names
 
@@ -139,7 +140,7 @@ class MFEFBlock(nn.Sequential):
 
 
 @register_method("mfef", "Multi-scale extraction + dual attention + FFL fusion (our reading of MFEF)")
-class MFEF(FusionOnlineMethod):
+class MFEF(FusedDeployment, FusionOnlineMethod):
     accepts_models = True
     head_prefix = "student"
 
@@ -157,8 +158,10 @@ class MFEF(FusionOnlineMethod):
         fusion_weight_decay: float = 1e-5  #: weight decay of the MFEF blocks + fusion module
         peer_kl: float = 0.0  #: weight of DML's peer KL terms between students (0: off, 1: DML's terms)
         batched_peers: bool = False  #: run same-architecture students as one vmap-ed computation
+        deploy: str = "best_peer"  #: "best_peer" (one student) or "fused" (all + MFEF blocks + fusion module)
 
         def validate(self) -> None:
+            check_deploy("mfef", self.deploy, shared_trunk=self.shared_trunk)
             if self.students is not None and self.students < 2:
                 raise ValueError(f"students must be at least 2, got {self.students}")
             if self.mode not in MODES:
