@@ -185,10 +185,17 @@ def test_report_never_puts_two_image_folders_in_one_row(tmp_path):
     assert sorted(len(g.seeds) for g in files.groups) == [1, 2]
 
 
-def test_bf16_is_recommended_only_where_it_was_measured_faster():
-    from fusionkd.engine.trainer import cpu_bf16_advice
+def test_demo_precision_auto_follows_a_measurement(monkeypatch):
+    from fusionkd.compare import demo
+    from fusionkd.engine.trainer import cpu_bf16_support
 
-    assert cpu_bf16_advice({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})[0] == "bf16"
-    prec, why = cpu_bf16_advice({"avx512f", "avx512_bf16"})
-    assert prec == "fp32" and "no AMX" in why
-    assert cpu_bf16_advice({"sse4_2", "avx2"})[0] == "fp32"
+    assert cpu_bf16_support({"avx512f", "avx512_bf16", "amx_bf16"}) == "amx"
+    assert cpu_bf16_support({"avx512_bf16"}) == "avx512_bf16" and cpu_bf16_support({"avx2"}) == "none"
+    speed = demo.measure_cpu_precision(threads=1, steps=1, batch=8)  # real steps, both precisions
+    assert set(speed) == {"fp32", "bf16"} and all(v > 0 for v in speed.values())
+    assert demo.resolve_precision("fp32") == ("fp32", "as asked")
+    monkeypatch.setattr(demo, "measure_cpu_precision", lambda threads: {"fp32": 100.0, "bf16": 105.0})
+    prec, why = demo.resolve_precision("auto")
+    assert prec == "fp32" and "fp32 100 img/s, bf16 105 img/s" in why  # not clearly faster: fp32
+    monkeypatch.setattr(demo, "measure_cpu_precision", lambda threads: {"fp32": 100.0, "bf16": 160.0})
+    assert demo.resolve_precision("auto")[0] == "bf16"

@@ -134,25 +134,21 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def cpu_bf16_advice(flags: set[str] | None = None) -> tuple[str, str]:
-    """``(precision, why)``: the faster training precision on this CPU, from its feature flags.
-
-    Measured (docs/results.md, "Precision"): with AMX (``amx_bf16``) bf16 autocast + channels_last trains
-    ResNet-20 about 1.7x faster than fp32; with AVX-512-BF16 alone (AMX masked) it was slower than fp32; without
-    either, bf16 is emulated and slower still."""
+def cpu_bf16_support(flags: set[str] | None = None) -> str:
+    """What the CPU offers bf16 matmuls/convolutions: "amx" (AMX-BF16 tiles), "avx512_bf16" (AVX-512-BF16
+    dot products) or "none" (bf16 is then emulated). Recorded with every run; whether bf16 is *faster* also
+    depends on oneDNN's kernels for the shapes at hand, so ``fusionkd demo --precision auto`` measures it."""
     flags = cpu_flags() if flags is None else flags
     if "amx_bf16" in flags:
-        return "bf16", "this CPU has AMX (amx_bf16): bf16 autocast is about 1.7x faster than fp32 here"
-    if "avx512_bf16" in flags:
-        return "fp32", "this CPU has AVX-512-BF16 but no AMX: bf16 was not faster than fp32 on such CPUs"
-    return "fp32", "this CPU has neither AMX nor AVX-512-BF16: bf16 would be emulated (slow)"
+        return "amx"
+    return "avx512_bf16" if "avx512_bf16" in flags else "none"
 
 
 def hardware_info(device: torch.device) -> dict[str, Any]:
     flags = cpu_flags()
     info = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "device": str(device),
             "torch": str(torch.__version__), "python": platform.python_version(), "fusionkd": __version__,
-            "amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags}
+            "cpu_bf16": cpu_bf16_support(flags)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
