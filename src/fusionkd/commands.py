@@ -366,13 +366,14 @@ def add_parsers(sub) -> None:
 
     d = sub.add_parser("demo", help="baseline vs ffl vs frskd on Fashion-MNIST (minutes on 2 CPU cores)",
                        description="A small comparison on real data: resnet20, stratified training subset, "
-                                   "validation split, full test set, channels_last, bf16 where measured faster, 1 seed, "
-                                   "2 workers.")
+                                   "validation split, full test set, channels_last, bf16 where measured "
+                                   "faster, 1 seed, 2 workers.")
     d.add_argument("--epochs", type=int, default=DEMO_EPOCHS, help=f"(default: {DEMO_EPOCHS})")
     d.add_argument("--subset", type=int, default=DEMO_SUBSET,
                    help=f"training images (default: {DEMO_SUBSET})")
     d.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="auto (default): bf16 on a GPU, or where a few timed steps on this CPU show it faster; else fp32")
+                   help="auto (default): bf16 on a GPU, or where a few timed steps on this CPU show it "
+                        "faster; else fp32")
     d.add_argument("--out", default="runs/demo", help="(default: runs/demo)")
     d.add_argument("--workers", type=int, default=2, help="(default: 2)")
     d.add_argument("--threads", type=int, default=1, help="threads per worker (default: 1)")
