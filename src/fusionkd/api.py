@@ -113,7 +113,8 @@ def list_registered() -> dict[str, list[dict[str, str]]]:
     return {
         "methods": [{"name": e.name, "family": e.extras.get("family", ""), "description": e.description,
                      "source": src(e)} for e in METHODS.entries()],
-        "models": [{"name": e.name, "description": e.description, "source": src(e)} for e in MODELS.entries()],
+        "models": [{"name": e.name, "description": e.description, "source": src(e)} for e in MODELS.entries()
+                   if not e.extras.get("deploy_only")],
         "datasets": [{"name": e.name, "description": e.description, "source": src(e)} for e in DATASETS.entries()],
         "plugin_errors": [{"group": g, "name": n, "error": err} for g, n, err in ERRORS],
         "presets": list_presets(),

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models import create_model, register_model
+from ..models import create_model
+from ..models.registry import MODELS
 from .fusion import FusionModule
 
 DEPLOY_CHOICES = ("best_peer", "fused")
@@ -38,7 +39,8 @@ class FusedPeers(nn.Module):
         return self.fusion(maps)
 
 
-@register_model("fused_peers", "deploy-only: the sub-networks + fusion module of ffl/mfef (options.deploy=fused)")
+@MODELS.register("fused_peers", "deploy-only: the sub-networks + fusion module of ffl/mfef (options.deploy=fused)",
+                 deploy_only=True)
 def fused_peers(num_classes: int = 10, in_chans: int = 3, *, peers: list[str] | None = None,
                 mfef: dict[str, Any] | None = None, **kwargs: Any) -> FusedPeers:
     """The deployed network of ``options.deploy=fused``; ``peers``: the sub-networks' zoo names; ``mfef``:

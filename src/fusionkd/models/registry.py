@@ -24,4 +24,5 @@ def create_model(name: str, num_classes: int = 10, in_chans: int = 3, **kwargs: 
 
 
 def list_models() -> list[str]:
-    return MODELS.names()
+    """Names of the networks one can train (deploy-only entries, e.g. ``fused_peers``, left out)."""
+    return [e.name for e in MODELS.entries() if not e.extras.get("deploy_only")]
