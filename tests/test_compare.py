@@ -418,3 +418,21 @@ def test_demo_settings_are_valid_and_missing_methods_are_named(tmp_path, monkeyp
     assert "left out: no_such_method" in out and "baseline" in out and "wall time" in out
     assert (tmp_path / "demo" / "report.md").is_file()
     assert os.path.isdir(tmp_path / "demo" / "runs" / "resnet20" / "baseline" / "s0")
+
+
+def test_method_options_reach_their_runs_with_and_without_a_config_file(tmp_path):
+    opts = grid.parse_method_options(["frskd:alpha=0.8", "ffl:peers=3", "ffl:lr=0.02"], ["baseline", "ffl", "frskd"])
+    for config_file in (None, tmp_path / "c.yaml"):
+        if config_file is not None:
+            config_file.write_text("epochs: 3\n")
+        spec = CompareSpec(methods=["baseline", "ffl", "frskd"], models=["resnet20"], seeds=[0], out=tmp_path / "o",
+                           common=dict(TINY), method_options=opts, config_file=config_file)
+        _, tasks = plan(spec)
+        cfg = {t.method: t.config for t in tasks}
+        assert cfg["frskd"].options == {"alpha": 0.8} and cfg["ffl"].options == {"peers": 3}
+        assert cfg["ffl"].lr == 0.02 and cfg["baseline"].lr == TINY["lr"] and cfg["baseline"].options == {}
+    # the demo's short-run FRSKD settings get there too
+    demo_spec_opts = {m: o for m, o in demo_mod.DEMO_METHOD_OPTIONS.items()}
+    spec = CompareSpec(methods=["frskd"], models=["resnet20"], seeds=[0], out=tmp_path / "d", common=dict(TINY),
+                       method_options=demo_spec_opts)
+    assert plan(spec)[1][0].config.options == {"alpha": 0.8, "beta": 37.0}

@@ -265,7 +265,7 @@ def _decide(task: Task, rerun_changed: bool) -> str | None:
 def file_layers(spec: CompareSpec) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """The config file's common options and its ``method_options`` section (checked like the CLI's)."""
     if not spec.config_file:
-        return {}, {}
+        return {}, {m: dict(o) for m, o in spec.method_options.items()}
     from ..engine.config import load_yaml
 
     data = load_yaml(spec.config_file)
