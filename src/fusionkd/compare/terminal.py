@@ -11,15 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .aggregate import GroupStats
-
-
-def _time(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(round(seconds))
-    if s >= 3600:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+from .report import _time
 
 
 def compact_table(groups: Sequence[GroupStats]) -> str:

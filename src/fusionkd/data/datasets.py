@@ -415,16 +415,9 @@ def load_dataset(
     if mean is None or std is None:
         mean, std = channel_stats(src.train.images)
 
-    train, val = src.train, None
-    if val_fraction > 0:
-        if src.val is not None:
-            logger.info("%s ships a validation split: using it (%d images) as val", name, len(src.val))
-            val = src.val
-        else:
-            tr_idx, val_idx = stratified_split(train.labels.numpy(), val_fraction, seed, num_classes)
-            train, val = train.select(tr_idx), train.select(val_idx)
-    if subset is not None:
-        train = train.select(stratified_subset(train.labels.numpy(), subset, seed, num_classes))
+    if val_fraction > 0 and src.val is not None:
+        logger.info("%s ships a validation split: using it (%d images) as val", name, len(src.val))
+    train, val = carve_splits(src.train, src.val, val_fraction, subset, seed, num_classes)
 
     info = DatasetInfo(
         name=name,
@@ -440,19 +433,27 @@ def load_dataset(
     return DataSplits(train=train, val=val, test=src.test, info=info)
 
 
-def _split_store(name: str, src: StoreSource, val_fraction: float, subset: int | None, seed: int,
-                 t0: float) -> DataSplits:
-    """Validation carve-out and subset of a store's splits: index views, no image is read."""
-    num_classes = len(src.classes)
-    train, val = src.train, None
+def carve_splits(train, shipped_val, val_fraction: float, subset: int | None, seed: int, num_classes: int):
+    """``(train, val)``: the dataset's own validation split when it ships one, else a stratified
+    ``val_fraction`` of ``train``; then a stratified ``subset`` of what remains for training. Works on any
+    split with ``labels`` and ``select`` (in-memory arrays and store index views alike)."""
+    val = None
     if val_fraction > 0:
-        if src.val is not None:
-            val = src.val
+        if shipped_val is not None:
+            val = shipped_val
         else:
             tr_idx, val_idx = stratified_split(train.labels.numpy(), val_fraction, seed, num_classes)
             train, val = train.select(tr_idx), train.select(val_idx)
     if subset is not None:
         train = train.select(stratified_subset(train.labels.numpy(), subset, seed, num_classes))
+    return train, val
+
+
+def _split_store(name: str, src: StoreSource, val_fraction: float, subset: int | None, seed: int,
+                 t0: float) -> DataSplits:
+    """Validation carve-out and subset of a store's splits: index views, no image is read."""
+    num_classes = len(src.classes)
+    train, val = carve_splits(src.train, src.val, val_fraction, subset, seed, num_classes)
     served = int(train.output_size or train.resolution)
     info = DatasetInfo(name=name, classes=list(src.classes), mean=src.mean, std=src.std, in_chans=3,
                        image_size=served, stored_size=train.resolution if train.resolution != served else None)

@@ -296,7 +296,59 @@ class EpochPlan:
     mix: MixDraws | None = None
 
 
-class DeviceLoader:
+class EpochSharding:
+    """What :class:`DeviceLoader` and :class:`~fusionkd.data.store_loader.StoreLoader` share: this rank's
+    share of ``n`` samples, the batch count, the epoch to serve next and the training permutation, all a
+    function of ``(seed, epoch, rank)`` so that exact resume and rank sharding hold for both."""
+
+    def _init_sharding(self, n: int, batch_size: int, train: bool, drop_last: bool | None, seed: int, rank: int,
+                       world_size: int) -> None:
+        self.train = bool(train)
+        self.batch_size = batch_size
+        self.drop_last = self.train if drop_last is None else bool(drop_last)
+        self.seed = int(seed)
+        self.rank, self.world_size = rank, world_size
+        self._size = n
+        if self.train:
+            self.num_samples = n // world_size if world_size > 1 else n
+        else:
+            self.num_samples = len(range(rank, n, world_size))
+        self._num_batches = (self.num_samples // batch_size if self.drop_last
+                             else math.ceil(self.num_samples / batch_size))
+        if self._num_batches == 0 and self.num_samples > 0:
+            # not an error here: the caller checks len(loader) and can say which setting to change
+            logger.warning("batch_size=%d exceeds the %d samples of this rank and drop_last is on: the loader "
+                           "yields no batch; lower batch_size or pass drop_last=False", batch_size, self.num_samples)
+        self._epoch = 0
+        self._epoch_set = True  # the first iteration uses epoch 0
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next iteration serves (or the one being served)."""
+        return self._epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Serve epoch ``epoch`` next: its order and augmentation depend only on ``(seed, epoch, rank)``."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        self._epoch = epoch
+        self._epoch_set = True
+
+    def __len__(self) -> int:
+        """Batches per epoch for this rank."""
+        return self._num_batches
+
+    def _train_permutation(self, epoch: int) -> torch.Tensor:
+        """The dataset indices this rank serves in training epoch ``epoch``, in order."""
+        g = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
+        perm = torch.randperm(self._size, generator=g)
+        if self.world_size > 1:
+            perm = perm[: self.num_samples * self.world_size][self.rank:: self.world_size]
+        used = self._num_batches * self.batch_size if self.drop_last else self.num_samples
+        return perm[:used]
+
+
+class DeviceLoader(EpochSharding):
     """Iterates over normalised (and, for training, augmented) batches of an in-memory split.
 
     Normalisation comes from the second argument: a :class:`DatasetInfo` (``splits.info``) or a
@@ -410,65 +462,22 @@ class DeviceLoader:
         self.randaugment, self.randaugment_magnitude = randaugment, int(randaugment_magnitude)
         self.num_classes = num_classes
         self.device = torch.device(device)
-        self.train = bool(train)
-        self.batch_size = batch_size
         self.crop_padding = crop_padding
         self.padding_mode = padding_mode
         self.flip = bool(flip)
         self.cutout = cutout
-        self.drop_last = self.train if drop_last is None else bool(drop_last)
-        self.seed = int(seed)
-        self.rank = rank
-        self.world_size = world_size
         self.channels_last = channels_last
         self.images = data.images.to(self.device)
         self.labels = data.labels.to(self.device)
-        self._size = n
         self._scale, self._shift = _scale_shift(mean, std, (c, h, w), self.device, channels_last)
-
-        if self.train:
-            self.num_samples = n // world_size if world_size > 1 else n
-        else:
-            self.num_samples = len(range(rank, n, world_size))
-        n_batches = (self.num_samples // batch_size if self.drop_last
-                     else math.ceil(self.num_samples / batch_size))
-        if n_batches == 0 and self.num_samples > 0:
-            # not an error here: the caller checks len(loader) and can say which setting to change
-            logger.warning("batch_size=%d exceeds the %d samples of this rank and drop_last is on: the loader "
-                           "yields no batch; lower batch_size or pass drop_last=False", batch_size, self.num_samples)
-        self._num_batches = n_batches
-        self._epoch = 0
-        self._epoch_set = True  # the first iteration uses epoch 0
-
-    # ------------------------------------------------------------------------------- epochs
-
-    @property
-    def epoch(self) -> int:
-        """The epoch the next iteration serves (or the one being served)."""
-        return self._epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        """Serve epoch ``epoch`` next: its order and augmentation depend only on ``(seed, epoch, rank)``."""
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
-        self._epoch = epoch
-        self._epoch_set = True
-
-    def __len__(self) -> int:
-        """Batches per epoch for this rank."""
-        return self._num_batches
+        self._init_sharding(n, batch_size, train, drop_last, seed, rank, world_size)
 
     def plan(self, epoch: int) -> EpochPlan:
         """The served indices and augmentation draws of ``epoch`` for this rank, on the CPU."""
         n, _, h, w = self.images.shape
         if not self.train:
             return EpochPlan(torch.arange(self.rank, n, self.world_size), None)
-        g = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
-        perm = torch.randperm(n, generator=g)
-        if self.world_size > 1:
-            perm = perm[: self.num_samples * self.world_size][self.rank:: self.world_size]
-        used = self._num_batches * self.batch_size if self.drop_last else self.num_samples
-        perm = perm[:used]
+        perm = self._train_permutation(epoch)
         g_aug = torch.Generator().manual_seed(derive_seed(self.seed, epoch, self.rank, 0xA6))
         draws = draw_augmentation(
             len(perm), h, w, padding=self.crop_padding, flip=self.flip, cutout=self.cutout, generator=g_aug

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,11 +69,20 @@ def _official(req: LoadRequest, opts: StoreOptions, default_size: int, locate, w
     return _materialise(req, files, opts, default_size, mean=mean, std=std)
 
 
-def _tiny_root(c: Path) -> Path | None:
-    for root in (c / TINY_FOLDER, c):
-        if (root / "wnids.txt").is_file() and (root / "train").is_dir():
-            return root
-    return None
+def _root_finder(folder: str, marker_file: str, marker_dir: str) -> Callable[[Path], Path | None]:
+    """A finder of the dataset root in a candidate folder ``c``: ``c/folder`` or ``c`` itself, whichever
+    holds ``marker_file`` and the folder ``marker_dir``."""
+
+    def find(c: Path) -> Path | None:
+        for root in (c / folder, c):
+            if (root / marker_file).is_file() and (root / marker_dir).is_dir():
+                return root
+        return None
+
+    return find
+
+
+_tiny_root = _root_finder(TINY_FOLDER, "wnids.txt", "train")
 
 
 @register_dataset("tinyimagenet", "TinyImageNet: 100k train / 10k val (as test) 64x64 JPEGs, 200 classes "
@@ -87,11 +97,7 @@ def _load_tinyimagenet(req: LoadRequest, *, storage: str = "store", store_dir: s
                      read_tinyimagenet, 200)
 
 
-def _cub_root(c: Path) -> Path | None:
-    for root in (c / CUB_FOLDER, c):
-        if (root / "images.txt").is_file() and (root / "images").is_dir():
-            return root
-    return None
+_cub_root = _root_finder(CUB_FOLDER, "images.txt", "images")
 
 
 @register_dataset("cub200", "CUB-200-2011: 5,994 train / 5,794 test bird photos, 200 classes (official "

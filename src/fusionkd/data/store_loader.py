@@ -33,6 +33,7 @@ from .loader import (
     PADDING_MODES,
     AugmentDraws,
     DeviceLoader,
+    EpochSharding,
     _apply_cutout,
     _scale_shift,
     crop_flip,
@@ -176,7 +177,7 @@ def _ordered_map(fn, n: int, workers: int, depth: int) -> Iterator:
         pool.shutdown(wait=True)
 
 
-class StoreLoader:
+class StoreLoader(EpochSharding):
     """Iterates over normalised (and, for training, augmented) batches of a :class:`StoreSplit`.
 
     Same arguments and epoch/shard semantics as :class:`~fusionkd.data.DeviceLoader`, plus:
@@ -241,60 +242,26 @@ class StoreLoader:
             raise ValueError(f"reflect padding needs crop_padding < image size ({res}), got {crop_padding}")
         self.data = data
         self.device = torch.device(device)
-        self.train = bool(train)
-        self.batch_size = batch_size
         self.crop = crop
         self.output_size = out
         self.crop_padding = crop_padding
         self.padding_mode = padding_mode
         self.flip = bool(flip)
         self.cutout = cutout
-        self.drop_last = self.train if drop_last is None else bool(drop_last)
-        self.seed = int(seed)
-        self.rank, self.world_size = rank, world_size
         self.channels_last = channels_last
         self.workers = int(workers if workers is not None else data.workers)
         self.prefetch = prefetch
         self.scale, self.ratio = scale, ratio
-        n = len(data)
-        self._size = n
         self._scale, self._shift = _scale_shift(mean, std, (3, out, out), self.device, channels_last)
-        self.num_samples = (n // world_size if world_size > 1 else n) if self.train else len(range(rank, n, world_size))
-        self._num_batches = (self.num_samples // batch_size if self.drop_last
-                             else math.ceil(self.num_samples / batch_size))
-        if self._num_batches == 0 and self.num_samples > 0:
-            logger.warning("batch_size=%d exceeds the %d samples of this rank and drop_last is on: the loader "
-                           "yields no batch", batch_size, self.num_samples)
-        self._epoch = 0
-        self._epoch_set = True
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        """Serve epoch ``epoch`` next: its order and augmentation depend only on ``(seed, epoch, rank)``."""
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
-        self._epoch = epoch
-        self._epoch_set = True
-
-    def __len__(self) -> int:
-        return self._num_batches
+        self._init_sharding(len(data), batch_size, train, drop_last, seed, rank, world_size)
 
     def plan(self, epoch: int) -> tuple[torch.Tensor, AugmentDraws | ResizedCropDraws | None]:
         """``(indices, draws)`` of ``epoch`` for this rank: the same permutation and sharding as
         :meth:`DeviceLoader.plan`; draws are :class:`AugmentDraws` (``"pad"``) or
         :class:`ResizedCropDraws` (``"random-resized"``), None in evaluation."""
-        n = self._size
         if not self.train:
-            return torch.arange(self.rank, n, self.world_size), None
-        g = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
-        perm = torch.randperm(n, generator=g)
-        if self.world_size > 1:
-            perm = perm[: self.num_samples * self.world_size][self.rank:: self.world_size]
-        used = self._num_batches * self.batch_size if self.drop_last else self.num_samples
-        perm = perm[:used]
+            return torch.arange(self.rank, self._size, self.world_size), None
+        perm = self._train_permutation(epoch)
         g_aug = torch.Generator().manual_seed(derive_seed(self.seed, epoch, self.rank, 0xA6))
         res = self.data.resolution
         if self.crop == "pad":

@@ -58,7 +58,9 @@ class _ViewBackbone(Backbone):
     classifier_key = "fc"
 
     def _parts(self) -> tuple[nn.Module, list[nn.Module], ViewHead]:
-        raise NotImplementedError
+        """``(stem, stages, head)`` as views of the current children; every subclass defines it (an
+        abstract hook of this base class, which is never instantiated itself)."""
+        raise NotImplementedError(f"{type(self).__name__} must define _parts()")
 
     @property
     def stem(self) -> nn.Module:  # type: ignore[override]
