@@ -505,3 +505,12 @@ def test_imagenet_preset_trains_on_the_official_layout(trees, tmp_path):
     s = r.summary
     assert s["finished"] and s["method"] == "frskd" and s["dataset"] == "imagenet"
     assert load_checkpoint(r.run_dir / "last.pt")["config"]["normalize"] == "imagenet"
+
+
+def test_randaugment_on_a_store_is_refused_with_the_reason(trees, tmp_path):
+    with pytest.raises(ValueError, match="randaugment is not available for data read from a store"):
+        fusionkd.train(method="baseline", model="resnet20", dataset="imagenet", data_dir=str(trees / "csv/imagenet"),
+                       image_size=32, dataset_options={"store_dir": str(tmp_path / "in")}, epochs=1, batch_size=4,
+                       val_fraction=0.2, progress="none", threads=1, out_dir=str(tmp_path / "r"),
+                       augment={"randaugment": 2}, name="ra")
+    assert not (tmp_path / "r" / "ra").exists()  # a refusal leaves no run folder behind

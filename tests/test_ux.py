@@ -199,3 +199,15 @@ def test_demo_precision_auto_follows_a_measurement(monkeypatch):
     assert prec == "fp32" and "fp32 100 img/s, bf16 105 img/s" in why  # not clearly faster: fp32
     monkeypatch.setattr(demo, "measure_cpu_precision", lambda threads: {"fp32": 100.0, "bf16": 160.0})
     assert demo.resolve_precision("auto")[0] == "bf16"
+
+
+def test_export_onnx_without_the_package_is_refused_before_any_work(tmp_path, monkeypatch):
+    import importlib.util
+
+    from fusionkd.engine.config import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
+    with pytest.raises(ConfigError, match="needs the onnx package"):
+        fusionkd.export_checkpoint(tmp_path / "never-read.pt", tmp_path / "m.pt2", onnx=True)
+    assert not list(tmp_path.iterdir())  # refused before the checkpoint was even opened
