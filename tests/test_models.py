@@ -174,15 +174,18 @@ def test_split_reproduces_forward(name: str) -> None:
     model = _model(name, 3)
     x = _input(3, 32)
     with torch.no_grad():
-        logits, maps = model(x), model.forward_stages(x)
+        logits, maps, raw = model(x), model.forward_stages(x), model.forward_stages(x, raw=True)
         for k in range(1, model.num_stages):
             trunk, tail = model.split(k)
             assert isinstance(trunk, Trunk) and isinstance(tail, Tail)
             assert trunk.stage_info + tail.stage_info == model.stage_info
             trunk_maps = trunk.forward_stages(x)
             tail_maps = tail.forward_stages(trunk_maps[-1])
-            for a, b in zip(trunk_maps + tail_maps, maps):
+            # the trunk's last map is the raw output its branches read (each applies its own BN-ReLU on a
+            # pre-activation net); every other map is the whole network's
+            for a, b in zip(trunk_maps[:-1] + tail_maps, maps[:k - 1] + maps[k:]):
                 assert torch.equal(a, b)
+            assert torch.equal(trunk_maps[-1], raw[k - 1])
             assert torch.equal(tail(trunk(x)), logits)
             assert torch.equal(tail.forward_head(tail_maps[-1]), logits)
             assert tail.num_classes == model.num_classes and tail.num_features == model.num_features

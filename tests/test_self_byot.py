@@ -3,6 +3,8 @@ values, and which parameters each loss term trains."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -61,13 +63,19 @@ def test_heads_and_deepest_head_is_the_backbone():
 
 # ----------------------------------------------------------------------------- loss
 def test_loss_by_hand():
+    """The paper's Eq. 1: (1 - alpha) on every CE including the deepest, a plain KL (no T^2 factor)."""
     alpha, lam, temp = 0.25, 0.5, 3.0
     z1, z2, zl = [0.5, -1.0, 2.0], [1.0, 1.0, 0.0], [3.0, 0.0, -1.0]
     f1, f2, fl = [1.0, 2.0], [0.0, -1.0], [0.5, 0.5]
     label = 2
 
-    def kl(t_logits, s_logits):
-        return kl_t(t_logits, s_logits, temp)
+    def kl(t_logits, s_logits):  # KL(softmax(t/T) || softmax(s/T)), written out
+        pt = [math.exp(v / temp) for v in t_logits]
+        ps = [math.exp(v / temp) for v in s_logits]
+        pt, ps = [v / sum(pt) for v in pt], [v / sum(ps) for v in ps]
+        return sum(a * math.log(a / b) for a, b in zip(pt, ps))
+
+    assert kl(zl, z1) == pytest.approx(kl_t(zl, z1, temp) / temp**2, rel=1e-12)
 
     ce = {k: ce_row(z, label) for k, z in {"1": z1, "2": z2, "L": zl}.items()}
     sq = sum((a - b) ** 2 for a, b in zip(f1, fl)) + sum((a - b) ** 2 for a, b in zip(f2, fl))  # 2.5 + 2.5
@@ -86,11 +94,35 @@ def test_loss_by_hand():
                       deep_logits=t([zl, zl]), deep_features=t([fl, fl]))
     terms2 = m.losses(two, t([label, label]))
     assert all(terms2[k].item() == pytest.approx(terms[k].item(), rel=1e-6) for k in terms)
+    # the whole loss as one number, computed from the values above by hand (pins the definition)
+    total = sum(v.item() for v in terms.values())
+    assert total == pytest.approx(0.75 * (ce["L"] + ce["1"] + ce["2"]) + 0.25 * (kl(zl, z1) + kl(zl, z2))
+                                  + 0.5 * 5.0, rel=1e-6)
+
+
+def test_loss_variants_of_the_released_codes():
+    """``t_squared`` (third-party re-implementation) scales the soft-label term by T^2 = 9;
+    ``deep_ce_weight=1`` (the authors' journal-version release) gives the deepest CE weight 1."""
+    t = torch.tensor
+    out = BYOTOutputs(branch_logits=[t([[0.5, -1.0, 2.0]]), t([[1.0, 1.0, 0.0]])],
+                      branch_features=[t([[1.0, 2.0]]), t([[0.0, -1.0]])],
+                      deep_logits=t([[3.0, 0.0, -1.0]]), deep_features=t([[0.5, 0.5]]))
+    labels = t([2])
+    paper = make(alpha=0.3, temperature=3.0).losses(out, labels)
+    t2 = make(alpha=0.3, temperature=3.0, t_squared=True).losses(out, labels)
+    release = make(alpha=0.3, temperature=3.0, deep_ce_weight=1.0).losses(out, labels)
+    assert t2["loss_kd"].item() == pytest.approx(9 * paper["loss_kd"].item(), rel=1e-6)
+    assert release["loss_ce_net"].item() == pytest.approx(paper["loss_ce_net"].item() / 0.7, rel=1e-6)
+    assert release["loss_ce_net"].item() == pytest.approx(ce_row([3.0, 0.0, -1.0], 2), rel=1e-6)
+    for bad in (0.0, -1.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="deep_ce_weight"):
+            BYOTOptions(deep_ce_weight=bad).validate()
 
 
 def test_default_options_are_the_spec():
     o = BYOTOptions()
     assert (o.alpha, o.feature_weight, o.temperature) == (0.1, 1e-6, 3.0)
+    assert (o.deep_ce_weight, o.t_squared) == (None, False)  # the paper's Eq. 1
     with pytest.raises(ValueError, match="alpha"):
         BYOTOptions(alpha=1.5).validate()
 

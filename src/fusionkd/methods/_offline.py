@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models import stage_maps
 from .base import Method, MethodContext, NetDeployment
 
 
@@ -53,19 +54,20 @@ class OfflineMethod(NetDeployment, Method):
 
     # ----------------------------------------------------------------- teacher
     @torch.no_grad()
-    def teacher_forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """The frozen teacher's stage maps ``[(B, C_i, H_i, W_i)]`` and logits ``(B, K)``.
+    def teacher_forward(self, images: torch.Tensor, raw: bool = False
+                        ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The frozen teacher's stage maps ``[(B, C_i, H_i, W_i)]`` (``raw=True``: the raw stage outputs,
+        see :func:`fusionkd.models.stage_maps`) and logits ``(B, K)``.
 
         ``no_grad`` rather than ``inference_mode``: inference tensors cannot be saved for the backward
         pass of the losses that use them. It runs in the caller's autocast precision.
         """
-        maps = self.teacher.forward_stages(images)
-        return maps, self.teacher.forward_head(maps[-1])
+        return _maps_and_logits(self.teacher, images, raw)
 
-    def student_forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """The student's stage maps ``[(B, C_i, H_i, W_i)]`` and logits ``(B, K)``."""
-        maps = self.net.forward_stages(images)
-        return maps, self.net.forward_head(maps[-1])
+    def student_forward(self, images: torch.Tensor, raw: bool = False
+                        ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The student's stage maps ``[(B, C_i, H_i, W_i)]`` (``raw`` as for the teacher) and logits."""
+        return _maps_and_logits(self.net, images, raw)
 
     # ----------------------------------------------------------------- contract
     def eval_logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -154,3 +156,9 @@ def set_trainable(module: nn.Module, trainable: bool) -> None:
 def check_temperature(temperature: float) -> None:
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def _maps_and_logits(net: nn.Module, images: torch.Tensor, raw: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """One forward of ``net``: its stage maps (the contract's, or the raw outputs) and its logits."""
+    maps, raw_maps = stage_maps(net, images)
+    return (raw_maps if raw else maps), net.forward_head(maps[-1])

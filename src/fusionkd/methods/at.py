@@ -17,6 +17,11 @@ being skipped. Maps of one pair that still differ in size (equal stage counts, d
 compared at the smaller resolution: the channel-mean energy ``mean_c(F^2)`` of the larger one is
 average-pooled before normalisation (our extension; the paper only pairs maps of equal size).
 ``kd_weight > 0`` adds Hinton KD (AT+KD in the paper; off by default). Heads: ``net``. Deploy: the student.
+
+Maps: by default the backbone contract's stage maps (post-activation: on a WRN the BN-ReLU that the next
+block applies, see :mod:`fusionkd.models.base`). ``maps=raw`` takes the raw stage outputs instead, which is
+what the authors' WRN code attends to (its ``f`` returns the group outputs ``g0, g1, g2``, residual sums
+before the next block's BN-ReLU). On post-activation networks (ResNets, VGG) the two are the same tensors.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from .base import MethodContext, register_method
 from .kd import kd_terms
 from .losses import attention_transfer
 
+MAP_KINDS = ("post", "raw")
+
 
 @dataclass
 class ATOptions:
@@ -42,14 +49,19 @@ class ATOptions:
         ce_weight: ``gamma``, weight of the cross-entropy with the labels.
         kd_weight: ``alpha``, weight of an optional Hinton KD term (0 = off).
         temperature: ``T`` of the optional KD term.
+        maps: ``post`` (the contract's stage maps) or ``raw`` (the raw stage outputs, as the AT authors'
+            WRN code; differs from ``post`` on pre-activation networks only).
     """
 
     at_weight: float = 1000.0
     ce_weight: float = 1.0
     kd_weight: float = 0.0
     temperature: float = 4.0
+    maps: str = "post"
 
     def validate(self) -> None:
+        if self.maps not in MAP_KINDS:
+            raise ValueError(f"maps must be one of {', '.join(MAP_KINDS)}, got {self.maps!r}")
         check_weights(at_weight=self.at_weight, ce_weight=self.ce_weight, kd_weight=self.kd_weight)
         check_classifier_trained(self.ce_weight, self.kd_weight)
         check_temperature(self.temperature)
@@ -102,8 +114,9 @@ class AT(OfflineMethod):
 
     def training_step(self, images: torch.Tensor, labels: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
         opts = self.options
-        t_maps, t_logits = self.teacher_forward(images)
-        s_maps, s_logits = self.student_forward(images)
+        raw = opts.maps == "raw"
+        t_maps, t_logits = self.teacher_forward(images, raw=raw)
+        s_maps, s_logits = self.student_forward(images, raw=raw)
         terms = kd_terms(s_logits, t_logits, labels, opts)
         if opts.at_weight > 0:
             pair_losses = [attention_pair_loss(s_maps[i], t_maps[j]) for i, j in self.pairs]

@@ -6,10 +6,24 @@ A classifier branch is attached after every non-final stage of the backbone; the
 vector is pulled towards the deepest one (METHODS.md section 0):
 
     L = (1 - alpha) * [CE(z_L) + sum_i CE(z_i)]
-        + alpha * sum_i KL_3(z_L -> z_i)
-        + lambda * sum_i mean_b || f_i - f_L.detach() ||^2,      alpha = 0.1, lambda = 1e-6,
+        + alpha * sum_i KL(softmax(z_L / T) || softmax(z_i / T))
+        + lambda * sum_i mean_b || f_i - f_L.detach() ||^2,      alpha = 0.1, lambda = 1e-6, T = 3,
 
 with ``i`` over the branches, ``z`` logits and ``f`` the pooled vectors that enter each FC layer.
+
+**Source.** This is Eq. (1) of the ICCV 2019 paper, ``sum_{i=1..C} [(1 - alpha) CE(q^i, y) + alpha
+KL(q^i, q^C) + lambda ||F_i - F_C||^2]``: the sum runs over every classifier including the deepest one
+(``i = C``, whose KL and feature terms vanish), so the deepest CE carries ``1 - alpha`` too, and the KL has
+no ``T^2`` factor. Where the code people run differs, we follow the paper (the spec's equation, and the
+only statement of the method that its authors published for this version); the differences are options:
+
+* the authors' own release (``ArchipLab-LinfengZhang/pytorch-self-distillation-final``, the journal
+  version) weighs the deepest CE by 1 (``deep_ce_weight=1``), uses the soft-target cross-entropy (same
+  gradient as the KL: they differ by the detached teacher's entropy), no ``T^2``, ``alpha = 0.3`` and no
+  feature term (``feature_weight=0``);
+* the widely used third-party re-implementation (``luanyunteng/pytorch-be-your-own-teacher``) multiplies
+  the soft-target term by ``T^2`` (``t_squared=true``: x9 at T = 3) and sums a masked squared feature
+  difference over the batch.
 
 Branch layout (the released code's ``branchBottleNeck``, built here from ``stage_info``): 1x1 conv
 (C_i -> D/4) BN ReLU -> k x k conv stride k (down to the deepest map's H x W) BN ReLU -> 1x1 conv
@@ -116,13 +130,15 @@ def gap(x: torch.Tensor) -> torch.Tensor:
 
 
 def deepest_map(head: nn.Module, last: torch.Tensor) -> torch.Tensor:
-    """The map the backbone's head pools: ``head.pre(last)`` (the final BN-ReLU of a WRN, else identity)."""
-    return head.pre(last)
+    """The map the backbone's head pools, from the last stage map as ``forward_stages`` offers it: the map
+    itself when the head's ``pre`` is the exposed final BN-ReLU (WRN: already applied), else ``head.pre``
+    (identity, or MobileNetV2's 1x1 conv to 1280 channels)."""
+    return last if getattr(head, "pre_activates", False) else head.pre(last)
 
 
 def head_logits(head: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
-    """The rest of the head after pooling: ``fc(dropout(pooled))``, so ``head_logits(head, gap(pre(x))) ==
-    head(x)`` without running ``pre`` (and its BN statistics) twice."""
+    """The rest of the head after pooling: ``fc(dropout(pooled))``, so that ``head_logits(head,
+    gap(deepest_map(head, m))) == forward_head(m)`` without running ``pre`` twice."""
     return head.fc(head.dropout(pooled))
 
 
@@ -132,6 +148,10 @@ class BYOTOptions:
 
     alpha: float = 0.1  #: weight of the soft-label terms; CE terms get ``1 - alpha``
     feature_weight: float = 1e-6  #: lambda, weight of the pooled-feature L2 terms
+    #: weight of the deepest classifier's CE; ``None`` = ``1 - alpha`` (paper, Eq. 1); 1 = the authors' release
+    deep_ce_weight: float | None = None
+    #: multiply the soft-label terms by ``T^2`` (third-party re-implementation; not in the paper)
+    t_squared: bool = False
     #: ablation (ours, not in the paper): branches read detached stage maps, so no branch loss reaches the
     #: backbone, which then learns from its own CE only; isolates what the branches do to the backbone
     detach_branches: bool = False
@@ -144,6 +164,9 @@ class BYOTOptions:
             raise ValueError(f"feature_weight must not be negative, got {self.feature_weight}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if self.deep_ce_weight is not None and not 0.0 < self.deep_ce_weight <= 1.0:
+            raise ValueError("deep_ce_weight must be in (0, 1] (the deepest classifier needs its labels), "
+                             f"or unset for the paper's 1 - alpha; got {self.deep_ce_weight}")
 
 
 @dataclass
@@ -217,22 +240,25 @@ class BYOT(BranchedSelfMethod):
         )
 
     def losses(self, out: BYOTOutputs, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The weighted loss terms of Zhang et al. (2019), Eq. 1-3 (with the spec's alpha and lambda).
+        """The weighted loss terms of Zhang et al. (2019), Eq. 1 (with the spec's alpha and lambda).
 
-        * ``loss_ce_net = (1 - alpha) CE(z_L)``; ``loss_ce_branches = (1 - alpha) sum_i CE(z_i)``;
-        * ``loss_kd = alpha * sum_i T^2 KL(softmax(z_L/T) || softmax(z_i/T))`` (teacher detached; the
-          released code uses the soft-target cross-entropy, which differs by the constant teacher entropy);
+        * ``loss_ce_net = (1 - alpha) CE(z_L)`` (``deep_ce_weight`` overrides ``1 - alpha``);
+          ``loss_ce_branches = (1 - alpha) sum_i CE(z_i)``;
+        * ``loss_kd = alpha * sum_i KL(softmax(z_L/T) || softmax(z_i/T))``, batch mean, teacher detached
+          (``t_squared``: times ``T^2``);
         * ``loss_feat = lambda * sum_i mean_b ||f_i - f_L.detach()||^2`` (squared L2 over the feature,
-          mean over the batch; the released code sums over the batch too).
+          mean over the batch).
         """
         o = self.options
         deep = out.deep_logits.float()
         ce_branches = sum(F.cross_entropy(z.float(), labels) for z in out.branch_logits)
-        kd = sum(kl_div(z, deep, o.temperature) for z in out.branch_logits)
+        t2 = 1.0 if o.t_squared else o.temperature ** 2  # kl_div carries T^2; the paper's KL does not
+        kd = sum(kl_div(z, deep, o.temperature) for z in out.branch_logits) / t2
         target = out.deep_features.detach().float()
         feat = sum((f.float() - target).pow(2).sum(dim=1).mean() for f in out.branch_features)
         return {
-            "loss_ce_net": (1.0 - o.alpha) * F.cross_entropy(deep, labels),
+            "loss_ce_net": (1.0 - o.alpha if o.deep_ce_weight is None else o.deep_ce_weight)
+            * F.cross_entropy(deep, labels),
             "loss_ce_branches": (1.0 - o.alpha) * ce_branches,
             "loss_kd": o.alpha * kd,
             "loss_feat": o.feature_weight * feat,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from importlib import import_module
 
-from .base import Backbone, ClassifierHead, SplitNetwork, StageInfo, Tail, Trunk
+from .base import Backbone, ClassifierHead, SplitNetwork, StageInfo, Tail, Trunk, stage_maps
 from .hook import HookBackbone, HookHead
 from .registry import MODELS, create_model, list_models, register_model
 from .weights import WeightsError, WeightsReport, load_weights_file, read_state_dict
@@ -28,6 +28,7 @@ __all__ = [
     "Trunk",
     "Tail",
     "SplitNetwork",
+    "stage_maps",
     "MODELS",
     "create_model",
     "register_model",

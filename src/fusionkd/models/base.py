@@ -2,7 +2,7 @@
 
 A backbone is ``stem -> stages[0] -> ... -> stages[n-1] -> head``:
 
-* ``forward_stages(x)`` returns the output map of every stage, in order, each ``(B, C_i, H_i, W_i)``;
+* ``forward_stages(x)`` returns the map of every stage, in order, each ``(B, C_i, H_i, W_i)``;
 * ``forward_head(last_map)`` turns the last stage map into logits ``(B, num_classes)``;
 * ``forward(x) == forward_head(forward_stages(x)[-1])``;
 * ``stage_info`` describes each stage (channels, stride relative to the input) as data, so that fusion
@@ -12,6 +12,24 @@ A backbone is ``stem -> stages[0] -> ... -> stages[n-1] -> head``:
 
 Models in the zoo subclass :class:`Backbone` and only have to build ``stem``, ``stages`` and ``head``.
 A user's own ``nn.Module`` is adapted to the same contract with :class:`fusionkd.models.HookBackbone`.
+
+**Which map is a stage map (one rule for every network and method).** The map offered for stage ``i``
+is the tensor that the next weight layer reads: the output of stage ``i`` *after* whatever
+normalisation and activation the next layer applies before its first weight. For post-activation networks
+(ResNets, VGG: every stage ends in a ReLU) that is the stage output itself; for pre-activation networks
+(the WRNs) it is ``relu(bn(sum))``, computed by the BN-ReLU that opens the next block (or the head's final
+BN-ReLU for the last stage), exactly the per-stage map of the FRSKD authors' WRN. That BN-ReLU is run once
+per forward and its output feeds both the method and the network, so the network computes what it always
+did (same state-dict keys, same logits, BatchNorm statistics updated once). MobileNetV2's stages end in
+linear bottlenecks that the next 1x1 expansion reads directly, so its maps are signed by design.
+``forward_stages(x, raw=True)`` gives the raw stage outputs (the residual sums of a pre-activation network)
+for a method whose paper asks for them, and :func:`stage_maps` both lists from one forward;
+``forward_head`` always takes the rule's map.
+
+A stage that opens with such an activation says so with ``pre_activates = True``, provides ``activate(x)``
+(the activation alone) and takes ``forward(x, act)`` with ``act = activate(x)`` already computed; a head
+does the same with ``activate`` and ``forward(act, activated=True)``. :func:`run_stages` uses them so that
+the activation runs once (and through ``__call__``, so compiled stages stay compiled).
 """
 
 from __future__ import annotations
@@ -39,8 +57,47 @@ class StageInfo:
     stride: int
 
 
+def pre_activates(module: nn.Module | None) -> bool:
+    """Whether ``module`` (a stage or a head) opens with an activation that the stage map rule exposes."""
+    return module is not None and bool(getattr(module, "pre_activates", False))
+
+
+def run_stages(
+    stages: list[nn.Module], x: torch.Tensor, after: nn.Module | None
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Run ``stages`` on ``x``; return ``(maps, raw)``: the stage maps under the module docstring's rule,
+    and the raw stage outputs (the same tensors where no activation follows).
+
+    ``after`` is the module that reads the last stage's output (the head of a whole network, ``None`` for a
+    trunk whose reader lies outside it). Where the next module pre-activates, its activation is computed
+    here once, offered as the stage map and handed to that module (``stage(x, act)``).
+    """
+    maps: list[torch.Tensor] = []
+    raws: list[torch.Tensor] = []
+    act: torch.Tensor | None = None
+    for i, stage in enumerate(stages):
+        x = stage(x, act) if act is not None else stage(x)
+        nxt = stages[i + 1] if i + 1 < len(stages) else after
+        act = nxt.activate(x) if pre_activates(nxt) else None
+        raws.append(x)
+        maps.append(x if act is None else act)
+    return maps, raws
+
+
+def stage_maps(net: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``(maps, raw)`` of ``net`` in one forward: the contract's stage maps (pass ``maps[-1]`` to
+    ``forward_head``) and the raw stage outputs, for a method that reads the raw maps (e.g. AT on a WRN, as
+    in its paper's code) and still needs the logits. Networks without a separate raw map (post-activation
+    or adapted ones) give the same list twice."""
+    both = getattr(net, "forward_stages_both", None)
+    if both is not None:
+        return both(x)
+    maps = net.forward_stages(x)
+    return maps, maps
+
+
 class ClassifierHead(nn.Module):
-    """``pre`` (optional, e.g. the final BN-ReLU of a pre-activation net) -> global average pool -> FC.
+    """``pre`` (optional) -> global average pool -> FC.
 
     Args:
         in_channels: channels of the last stage map.
@@ -48,6 +105,9 @@ class ClassifierHead(nn.Module):
         pre: module applied to the map before pooling (identity when ``None``).
         features: channels after ``pre`` (defaults to ``in_channels``).
         dropout: dropout probability before the FC layer.
+        pre_activates: ``pre`` is a weight-free activation (the final BN-ReLU of a pre-activation net), so
+            the last stage map is offered after it and ``forward(map, activated=True)`` skips it; ``False`` when
+            ``pre`` holds weights (MobileNetV2's 1x1 conv to 1280 channels), which then stay in the head.
     """
 
     def __init__(
@@ -57,19 +117,36 @@ class ClassifierHead(nn.Module):
         pre: nn.Module | None = None,
         features: int | None = None,
         dropout: float = 0.0,
+        pre_activates: bool = False,
     ) -> None:
         super().__init__()
         self.pre = pre if pre is not None else nn.Identity()
+        self.pre_activates = bool(pre_activates and pre is not None)
         self.num_features = features if features is not None else in_channels
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fc = nn.Linear(self.num_features, num_classes)
 
-    def pooled(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W) -> (B, num_features)``: the vector the FC layer sees."""
-        return torch.flatten(nn.functional.adaptive_avg_pool2d(self.pre(x), 1), 1)
+    def activate(self, x: torch.Tensor) -> torch.Tensor:
+        """The activation that opens the head (``pre``); offered as the last stage map."""
+        return self.pre(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.dropout(self.pooled(x)))
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """The vector the FC layer sees, from the stage map rule's last map: ``(B, C, H, W) ->
+        (B, num_features)`` (``pre`` is applied here only when it is not an exposed activation)."""
+        if not self.pre_activates:
+            x = self.pre(x)
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits from the stage map rule's last map (what ``forward_stages`` offers)."""
+        return self(x, activated=True)
+
+    def forward(self, x: torch.Tensor, activated: bool = False) -> torch.Tensor:
+        """Logits from the raw last stage output, or (``activated=True``) from the rule's last map.
+        (One entry point, so that a compiled head serves both.)"""
+        if not (self.pre_activates and activated):
+            x = self.pre(x)
+        return self.fc(self.dropout(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)))
 
 
 class Backbone(nn.Module):
@@ -111,24 +188,21 @@ class Backbone(nn.Module):
         """Width of the pooled feature vector that enters the final FC layer."""
         return self.head.num_features
 
-    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """``(B, in_chans, H, W)`` -> list of ``(B, C_i, H_i, W_i)``, one map per stage."""
-        x = self.stem(x)
-        out = []
-        for stage in self.stages:
-            x = stage(x)
-            out.append(x)
-        return out
+    def forward_stages(self, x: torch.Tensor, raw: bool = False) -> list[torch.Tensor]:
+        """``(B, in_chans, H, W)`` -> list of ``(B, C_i, H_i, W_i)``, one map per stage (the module
+        docstring's rule; ``raw=True``: the raw stage outputs)."""
+        return self.forward_stages_both(x)[1 if raw else 0]
+
+    def forward_stages_both(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``(maps, raw)`` from one forward (see :func:`run_stages`)."""
+        return run_stages(list(self.stages), self.stem(x), self.head)
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        """Last stage map ``(B, C, H, W)`` -> logits ``(B, num_classes)``."""
-        return self.head(x)
+        """Last stage map ``(B, C, H, W)`` (as ``forward_stages`` offers it) -> logits ``(B, num_classes)``."""
+        return self.head.classify(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for stage in self.stages:
-            x = stage(x)
-        return self.head(x)
+        return self.forward_head(self.forward_stages(x)[-1])
 
     def split(self, at_stage: int) -> tuple[Trunk, Tail]:
         """Cut into ``Trunk(stem + stages[:at_stage])`` and ``Tail(stages[at_stage:] + head)``.
@@ -155,13 +229,13 @@ class Trunk(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.stage_info = list(info)
 
-    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.stem(x)
-        out = []
-        for stage in self.stages:
-            x = stage(x)
-            out.append(x)
-        return out
+    def forward_stages(self, x: torch.Tensor, raw: bool = False) -> list[torch.Tensor]:
+        """The trunk's stage maps. Its last map is raw: what reads it (each branch's first stage) lies
+        outside the trunk, and on a pre-activation network every branch applies its own BN-ReLU to it."""
+        return self.forward_stages_both(x)[1 if raw else 0]
+
+    def forward_stages_both(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return run_stages(list(self.stages), self.stem(x), None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_stages(x)[-1]
@@ -187,18 +261,18 @@ class Tail(nn.Module):
     def num_features(self) -> int:
         return self.head.num_features
 
-    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
-        out = []
-        for stage in self.stages:
-            x = stage(x)
-            out.append(x)
-        return out
+    def forward_stages(self, x: torch.Tensor, raw: bool = False) -> list[torch.Tensor]:
+        """The tail's stage maps from the trunk's raw output ``x``."""
+        return self.forward_stages_both(x)[1 if raw else 0]
+
+    def forward_stages_both(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return run_stages(list(self.stages), x, self.head)
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(x)
+        return self.head.classify(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_stages(x)[-1])
+        return self.forward_head(self.forward_stages(x)[-1])
 
 
 class SplitNetwork(nn.Module):
@@ -218,9 +292,12 @@ class SplitNetwork(nn.Module):
     def num_features(self) -> int:
         return self.tail.num_features
 
-    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
-        maps = self.trunk.forward_stages(x)
-        return maps + self.tail.forward_stages(maps[-1])
+    def forward_stages(self, x: torch.Tensor, raw: bool = False) -> list[torch.Tensor]:
+        return self.forward_stages_both(x)[1 if raw else 0]
+
+    def forward_stages_both(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        stages = list(self.trunk.stages) + list(self.tail.stages)
+        return run_stages(stages, self.trunk.stem(x), self.tail.head)
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         return self.tail.forward_head(x)

@@ -43,6 +43,7 @@ class HookHead(nn.Module):
         # ClassifierHead's other two parts, as the self methods use them: nothing before pooling or the head
         self.pre = nn.Identity()
         self.dropout = nn.Identity()
+        self.pre_activates = False
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W) -> (B, C)`` when pooling, else ``x`` unchanged."""
@@ -132,9 +133,12 @@ class HookBackbone(nn.Module):
         """``module(x)``, unchanged."""
         return self.module(x)
 
-    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward_stages(self, x: torch.Tensor, raw: bool = False) -> list[torch.Tensor]:
         """``(B, C, H, W)`` -> the stage maps ``(B, C_i, H_i, W_i)``, captured by hooks while the wrapped
-        module runs; the part of its forward after the last stage is skipped."""
+        module runs; the part of its forward after the last stage is skipped. The hooked modules' outputs
+        are offered as they are (``raw`` changes nothing): to follow the backbone contract's rule
+        (:mod:`fusionkd.models.base`) name modules whose output is what the next weight layer reads (e.g. a
+        ReLU, not a residual sum that the next block normalises first)."""
         maps, _ = self._capture(x, stop_early=True)
         return maps
 

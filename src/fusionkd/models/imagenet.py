@@ -44,6 +44,7 @@ class ViewHead(ClassifierHead):
         nn.Module.__init__(self)
         self.pre, self.dropout, self.fc = pre, dropout, fc
         self.num_features = num_features
+        self.pre_activates = False  # ``pre`` is identity (ResNets) or holds weights (MobileNetV2's 1x1 conv)
 
 
 class _ViewBackbone(Backbone):
@@ -74,7 +75,10 @@ class _ViewBackbone(Backbone):
     def head(self) -> ViewHead:  # type: ignore[override]
         return self._parts()[2]
 
-    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward_stages(self, x: torch.Tensor, raw: bool = False) -> list[torch.Tensor]:
+        """The stage outputs. torchvision's ResNet stages end in a ReLU and MobileNetV2's in the linear
+        bottleneck the next 1x1 conv reads, so the raw output already is the contract's map (``raw`` is
+        accepted for the contract and changes nothing)."""
         stem, stages, _ = self._parts()
         x = stem(x)
         out = []
@@ -82,6 +86,10 @@ class _ViewBackbone(Backbone):
             x = stage(x)
             out.append(x)
         return out
+
+    def forward_stages_both(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        maps = self.forward_stages(x)
+        return maps, maps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_stages(x)[-1])

@@ -1,9 +1,16 @@
 """Wide ResNets (Zagoruyko & Komodakis 2016) as in RepDistiller's ``wrn.py``: ``wrn_D_K``.
 
 Pre-activation basic blocks; a 3x3 conv stem to 16 channels, three stages of ``(D - 4) / 6`` blocks
-with widths ``16K/32K/64K`` and strides 1/2/4, and the final BN-ReLU in the head's ``pre`` (so the
-stage maps are the pre-activation sums, as in the original). At 32x32, WRN-40-2 gives maps
-32x32x32, 64x16x16 and 128x8x8.
+with widths ``16K/32K/64K`` and strides 1/2/4, and the final BN-ReLU in the head's ``pre``. At 32x32,
+WRN-40-2 gives maps 32x32x32, 64x16x16 and 128x8x8.
+
+Stage maps (the backbone contract of :mod:`fusionkd.models.base`): a stage's raw output is a signed
+residual sum; the map offered to methods is ``relu(bn(sum))``, the BN-ReLU that opens the next stage's first
+block (``stages[i+1][0].bn1``) or the head's final BN-ReLU for the last stage. That is the per-stage
+``relu(blockNbn(out))`` of the FRSKD authors' WRN, whose blocks moved exactly that BN out of the next block;
+here it stays where RepDistiller's layout has it (same keys), and is computed once and shared by the
+method and the network. ``forward_stages(x, raw=True)`` gives the raw sums (what RepDistiller's WRN
+returns with ``preact=False``).
 """
 
 from __future__ import annotations
@@ -38,13 +45,37 @@ class WideBasicBlock(nn.Module):
             None if in_planes == out_planes and stride == 1 else conv1x1(in_planes, out_planes, stride)
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = self.relu1(self.bn1(x))
+    def forward(self, x: torch.Tensor, pre: torch.Tensor | None = None) -> torch.Tensor:
+        """``x``: the raw input; ``pre``: ``relu1(bn1(x))`` when the caller computed it already."""
+        if pre is None:
+            pre = self.relu1(self.bn1(x))
         out = self.relu2(self.bn2(self.conv1(pre)))
         if self.dropout > 0:
             out = F.dropout(out, p=self.dropout, training=self.training)
         out = self.conv2(out)
         return out + (x if self.shortcut is None else self.shortcut(pre))
+
+
+class WideStage(nn.Sequential):
+    """The blocks of one WRN stage; it opens with its first block's BN-ReLU, which it exposes so that the
+    previous stage's map is offered after it (``pre_activates``).
+
+    ``forward(x)`` is the plain stage; ``forward(x, act)`` takes ``act = activate(x)`` already computed.
+    """
+
+    pre_activates = True
+
+    def activate(self, x: torch.Tensor) -> torch.Tensor:
+        """``relu(bn1(x))`` of the first block: the map the stage's first convolutions read."""
+        first = self[0]
+        return first.relu1(first.bn1(x))
+
+    def forward(self, x: torch.Tensor, act: torch.Tensor | None = None) -> torch.Tensor:
+        blocks = list(self)
+        x = blocks[0](x, pre=act)
+        for block in blocks[1:]:
+            x = block(x)
+        return x
 
 
 class WideResNet(Backbone):
@@ -77,11 +108,11 @@ class WideResNet(Backbone):
             stride = 1 if i == 0 else 2
             blocks = [WideBasicBlock(in_planes, width, stride, dropout)]
             blocks += [WideBasicBlock(width, width, 1, dropout) for _ in range(n - 1)]
-            stages.append(nn.Sequential(*blocks))
+            stages.append(WideStage(*blocks))
             in_planes = width
         self.stages = nn.ModuleList(stages)
         pre = nn.Sequential(nn.BatchNorm2d(in_planes), nn.ReLU(inplace=True))
-        self.head = ClassifierHead(in_planes, num_classes, pre=pre)
+        self.head = ClassifierHead(in_planes, num_classes, pre=pre, pre_activates=True)
         init_weights(self, zero_linear_bias=True)
         self._finish(widths, [1, 2, 4])
 
