@@ -14,8 +14,9 @@ Models in the zoo subclass :class:`Backbone` and only have to build ``stem``, ``
 A user's own ``nn.Module`` is adapted to the same contract with :class:`fusionkd.models.HookBackbone`.
 
 **Which map is a stage map (one rule for every network and method).** The map offered for stage ``i``
-is the tensor that the next weight layer reads: the output of stage ``i`` *after* whatever
-normalisation and activation the next layer applies before its first weight. For post-activation networks
+is the tensor that the next weight layer reads, at stage ``i``'s resolution: the output of stage ``i``
+*after* whatever normalisation and activation the next layer applies before its first weight (a
+weight-free down-sampling in between, such as VGG's max-pool, is left to the reader). For post-activation networks
 (ResNets, VGG: every stage ends in a ReLU) that is the stage output itself; for pre-activation networks
 (the WRNs) it is ``relu(bn(sum))``, computed by the BN-ReLU that opens the next block (or the head's final
 BN-ReLU for the last stage), exactly the per-stage map of the FRSKD authors' WRN. That BN-ReLU is run once
