@@ -80,7 +80,7 @@ def probe(train_x, train_y, evals: dict, classes: int) -> dict[str, float]:
         opt = torch.optim.LBFGS([w, b], lr=1, max_iter=300, history_size=20, line_search_fn="strong_wolfe")
         xt = z(train_x)
 
-        def closure():
+        def closure(opt=opt, w=w, b=b, xt=xt, l2=l2):
             opt.zero_grad()
             loss = F.cross_entropy(xt @ w + b, train_y) + l2 * w.pow(2).sum()
             loss.backward()
