@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import random
 import shutil
@@ -152,19 +153,6 @@ def atomic_copy(src: str | Path, dst: str | Path) -> None:
     _atomic_write(dst, fill)
 
 
-def remove_stale_temps(folder: str | Path) -> list[str]:
-    """Delete the ``.NAME.XXXX.tmp`` files that an interrupted atomic write left in ``folder``; call it
-    only while holding the folder's lock. Returns the removed names."""
-    removed = []
-    folder = Path(folder)
-    for p in folder.glob(".*.tmp") if folder.is_dir() else []:
-        if p.is_file():
-            with contextlib.suppress(OSError):
-                p.unlink()
-                removed.append(p.name)
-    return removed
-
-
 def _read(p: Path, map_location: str | torch.device) -> dict[str, Any]:
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=True)
@@ -217,6 +205,8 @@ def check_fields(ckpt: dict[str, Any], source: str | Path) -> None:
         v = data.get(key)
         if v is not None and (not isinstance(v, list) or not all(isinstance(x, (int, float)) for x in v)):
             raise bad(f"data.{key}", v, "a list of numbers")
+        if v is not None and not all(math.isfinite(x) for x in v):
+            raise bad(f"data.{key}", v, "finite numbers (NaN/inf normalisation would turn every input into NaN)")
     dep = ckpt.get("deploy")
     if dep is not None:
         if not isinstance(dep, dict) or not isinstance(dep.get("model"), str):
@@ -232,6 +222,16 @@ def check_fields(ckpt: dict[str, Any], source: str | Path) -> None:
             raise bad("method_state", type(ckpt["method_state"]).__name__, "a state_dict")
         if epoch is None:
             raise bad("epoch", None, "a non-negative integer (epochs completed)")
+    from ..models.weights import nonfinite_tensors
+
+    states = (("deploy.state_dict", (dep or {}).get("state_dict")), ("method_state", ckpt.get("method_state")))
+    for field, state in states:
+        nonfinite = nonfinite_tensors(state) if isinstance(state, dict) else []
+        if nonfinite:
+            raise CheckpointError(
+                f"{where}: {field} holds non-finite values (NaN or inf) in {len(nonfinite)} tensor(s): "
+                f"{', '.join(nonfinite[:6])}{' ...' if len(nonfinite) > 6 else ''}. fusionkd never saves such "
+                "weights (its NaN guard stops a run first), so the file was altered or damaged")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -250,6 +250,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                 break
         else:
             raise CheckpointError(f"{str(path)!r} is a folder without best.pt or last.pt")
+    if not p.is_file() and p.name == "best.pt" and (p.parent / "last.pt").is_file():
+        # the window of epoch 1 (or of a best.pt deleted by a stop): last.pt is written first; when it records
+        # its own epoch as the best one, it *is* best.pt's content
+        last = _read(p.parent / "last.pt", map_location)
+        if best_is_last(last):
+            return last
+        raise CheckpointError(f"checkpoint {str(p)!r} does not exist, and {p.parent / 'last.pt'} (epoch "
+                              f"{last.get('epoch')}) does not record its own epoch as the best one")
     if not p.is_file():
         raise CheckpointError(f"checkpoint {str(p)!r} does not exist")
     ckpt = _read(p, map_location)

@@ -236,6 +236,15 @@ def check_run_name(cfg: Config) -> None:
             f"name={cfg.name!r} must be a relative folder name inside out_dir={cfg.out_dir!r} (e.g. "
             "'fmnist/ffl-run1'): no absolute path, no '..', not empty; use out_dir= to write elsewhere"
         )
+    # a symlink inside out_dir could still lead elsewhere: compare where the two really are
+    out = Path(cfg.out_dir).expanduser().resolve()
+    real = (Path(cfg.out_dir).expanduser() / cfg.name).resolve()
+    if not real.is_relative_to(out):
+        raise ConfigError(
+            f"name={cfg.name!r} leads outside out_dir={cfg.out_dir!r}: {Path(cfg.out_dir) / cfg.name} resolves to "
+            f"{real} (a symbolic link on the way). Run folders stay inside out_dir; to write there, set "
+            f"out_dir={real.parent}"
+        )
 
 
 # ---------------------------------------------------------------------- type checking

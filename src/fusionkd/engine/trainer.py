@@ -52,7 +52,6 @@ from .checkpoint import (
     build_deploy_model,
     load_checkpoint,
     load_weights_strict,
-    remove_stale_temps,
     rng_state,
     set_rng_state,
     storage_error,
@@ -61,7 +60,17 @@ from .config import Config, ConfigError, build_options
 from .normalize import apply_normalize
 from .optim import build_optimizer, build_scheduler
 from .progress import Progress
-from .rundir import RunLock, RunLockedError, clear_folder, folder_entries, has_finished_epoch
+from .rundir import (
+    RunLock,
+    RunLockedError,
+    claim_problem,
+    clear_folder,
+    folder_entries,
+    has_finished_epoch,
+    is_marked,
+    mark,
+    remove_stale_temps,
+)
 from .trackers import Callback, build_trackers
 
 log = logging.getLogger("fusionkd")
@@ -435,6 +444,7 @@ class Trainer:
         self._file_handler: logging.Handler | None = None
         self._lock: RunLock | None = None
         self._made_folder = False  # this invocation created (or restarted) the folder
+        self._owned_before = False  # the folder was a marked fusionkd run folder before this invocation
         self._last_val: float | None = None  # deploy head's latest validation accuracy, for the progress bar
         if not self.resuming and not self.dist.enabled:
             self._check_fresh_dir()  # fail before any work; under torchrun rank 0 does it in fit()
@@ -487,26 +497,26 @@ class Trainer:
         return trainer
 
     def _check_fresh_dir(self) -> None:
-        """Refuse early (before any data is loaded) to train into a folder that holds finished epochs."""
-        d = self.run_dir
-        if has_finished_epoch(d) and not self.overwrite:
-            what = "a finished run" if (d / "summary.json").exists() else "an unfinished run"
-            raise ConfigError(
-                f"run folder {str(d)!r} already holds {what}. Resume it with `fusionkd train --resume {d}`, "
-                "choose another name=/out_dir=, or pass --overwrite to replace it"
-            )
+        """Refuse early (before any data is loaded) a folder this run may not take: one that holds anything
+        fusionkd did not write, one it did not make (unless empty), or finished epochs without ``overwrite``
+        (:func:`~fusionkd.engine.rundir.claim_problem`)."""
+        problem = claim_problem(self.run_dir, overwrite=self.overwrite)
+        if problem:
+            raise ConfigError(problem)
 
     def _open_fresh(self) -> None:
-        """Holding the lock: make the folder ready for epoch 1 (never deleting a finished epoch unless
-        ``overwrite``)."""
-        self._check_fresh_dir()
+        """Holding the lock: make the folder ready for epoch 1. Only a marked fusionkd run folder is ever
+        cleared, and then only of the files fusionkd writes (never a finished epoch unless ``overwrite``)."""
         d = self.run_dir
+        self._owned_before = is_marked(d)
+        self._check_fresh_dir()  # again, under the lock
         entries = folder_entries(d)
-        if entries:
+        if entries:  # a marked folder holding only fusionkd's files (claim_problem refused anything else)
             if not has_finished_epoch(d):
                 log.info("%s holds a run that never finished an epoch (%s); starting it again from epoch 1",
                          d, ", ".join(sorted(entries)))
             clear_folder(d)
+        mark(d)
         self._made_folder = True
 
     def _open_resume(self) -> None:
@@ -530,6 +540,7 @@ class Trainer:
             self._check_identity(ckpt, stored)
             self._repair_best(ckpt)
             self._truncate_metrics(int(ckpt["epoch"]))
+        mark(d)  # a folder from before the marker: its config and checkpoint were just read as fusionkd's
         if removed:
             log.info("removed %d unfinished temporary file(s) left by an interrupted write: %s", len(removed),
                      ", ".join(removed))
@@ -596,11 +607,14 @@ class Trainer:
             err: tuple[str, str] | None = None
             if self.dist.is_main:
                 try:
+                    if not self.resuming:
+                        self._check_fresh_dir()  # before the lock file is made in a folder that is not ours
                     self._lock = RunLock(self.run_dir)
                     self._open_resume() if self.resuming else self._open_fresh()
                 except (ConfigError, CheckpointError, StorageError) as e:
                     if self._lock is not None:
-                        self._lock.release()
+                        # leave the folder as found: only what this lock made goes again
+                        self._lock.discard(files=False, folder=False)
                         self._lock = None
                     if not self.dist.enabled:
                         raise
@@ -630,7 +644,10 @@ class Trainer:
                     handler.close()
                     handler = None
                 if self._lock is not None and self._made_folder and not has_finished_epoch(self.run_dir):
-                    self._lock.remove_folder()  # a refused input leaves no empty run folder behind
+                    # a refused input leaves no run folder behind; a folder that was there before and not
+                    # fusionkd's (an empty one the user made) stays, and only fusionkd's files ever go
+                    made = self.run_dir in self._lock.created_dirs
+                    self._lock.discard(files=True, folder=made or self._owned_before)
                 raise
             finally:
                 if handler is not None:

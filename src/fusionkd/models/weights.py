@@ -108,7 +108,31 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str, lis
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
         notes.append("'module.' prefix stripped")
+    check_finite(state, p)
     return state, kind, notes
+
+
+def nonfinite_tensors(state: dict[str, Any]) -> list[str]:
+    """The keys of ``state`` (nested mappings as dotted keys) whose floating tensors hold NaN or inf."""
+    bad: list[str] = []
+    for key, value in state.items():
+        if isinstance(value, dict):
+            bad += [f"{key}.{k}" for k in nonfinite_tensors(value)]
+        elif isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()) \
+                and value.numel() and not bool(torch.isfinite(value).all()):
+            bad.append(str(key))
+    return bad
+
+
+def check_finite(state: dict[str, Any], source: str | Path) -> None:
+    """Refuse weights with NaN/inf values where they are read, naming the tensors (otherwise they reach
+    training's NaN guard, whose message can only blame the learning rate)."""
+    bad = nonfinite_tensors(state)
+    if bad:
+        shown = ", ".join(bad[:6]) + (f" (+{len(bad) - 6} more)" if len(bad) > 6 else "")
+        raise WeightsError(f"{source} holds non-finite values (NaN or inf) in {len(bad)} tensor(s): {shown}. "
+                           "Such weights cannot train or predict; the file was saved from a diverged run or is "
+                           "damaged")
 
 
 def classifier_key(model: nn.Module) -> str | None:
