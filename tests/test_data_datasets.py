@@ -287,7 +287,7 @@ def test_imagefolder_grayscale_auto_forced_and_val(tmp_path):
     rgb = load_dataset("imagefolder", root, image_size=10, channels="rgb")
     assert rgb.info.in_chans == 3 and torch.equal(rgb.train.images[:, 0], rgb.train.images[:, 2])
     colour = tmp_path / "colour"
-    write_png_tree(colour, {"train": 2, "test": 1}, ["x"], size=(6, 6))
+    write_png_tree(colour, {"train": 2, "test": 1}, ["x", "y"], size=(6, 6))
     g = load_dataset("imagefolder", colour, image_size=6, channels="grayscale", val_fraction=0)
     pil = np.asarray(Image.open(colour / "train" / "x" / "train_x_0.png").convert("L"))
     np.testing.assert_array_equal(g.train.images[0, 0].numpy(), pil)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -229,6 +230,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, onnx: bool = F
     out = Path(out)
     if out.suffix != ".pt2":
         out = out.with_suffix(out.suffix + ".pt2") if out.suffix else out.with_suffix(".pt2")
+    _check_export_targets(out, onnx, Path(checkpoint))
     out.parent.mkdir(parents=True, exist_ok=True)
     shape = (int(data["in_chans"]), int(data["image_size"]), int(data["image_size"]))
     example = torch.randn(2, *shape)
@@ -271,15 +273,50 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, onnx: bool = F
 
 
 # ---------------------------------------------------------------------- prediction
+def _check_export_targets(out: Path, onnx: bool, source: Path) -> None:
+    """Refuse to write over a file that an earlier ``fusionkd export`` did not write. The files of an export
+    (``.pt2``, ``.pt``, ``.json``, ``.onnx``) may be replaced only as a set whose ``.json`` is an export's
+    metadata and whose ``.pt`` (when there) is a fusionkd deploy file; anything else (a training checkpoint,
+    your own weights) is named and left alone."""
+    from .engine.checkpoint import FORMAT, CheckpointError, load_checkpoint
+    from .engine.config import ConfigError
+
+    targets = [out, out.with_suffix(".pt"), out.with_suffix(".json")] + ([out.with_suffix(".onnx")] if onnx else [])
+    if source.is_file() and any(t.exists() and t.resolve() == source.resolve() for t in targets):
+        raise ConfigError(f"--out {out}: the export would write over the checkpoint it reads ({source}); "
+                          "choose another --out")
+    existing = [t for t in targets if t.exists() or t.is_symlink()]
+    if not existing:
+        return
+    ours = False
+    meta = out.with_suffix(".json")
+    with contextlib.suppress(OSError, ValueError):
+        ours = meta.is_file() and "exported_max_abs_diff" in json.loads(meta.read_text())
+    deploy = out.with_suffix(".pt")
+    if ours and deploy.exists():
+        try:
+            ours = load_checkpoint(deploy).get("format") == FORMAT + "-deploy"
+        except CheckpointError:
+            ours = False
+    if not ours or any(not t.is_file() or t.is_symlink() for t in existing):
+        raise ConfigError(
+            f"--out {out}: {', '.join(str(t) for t in existing)} already exist(s) and are not the files of an "
+            "earlier fusionkd export; fusionkd does not write over files it did not make. Choose another --out, "
+            "or move them away")
+
+
 def load_image(path: str | Path, in_chans: int, size: int, stored_size: int | None = None) -> torch.Tensor:
     """An image file as uint8 ``(C, size, size)``, prepared as the evaluation data was: converted to grey
     (C=1) or RGB (C=3), centre-cropped to its largest square, resized to ``stored_size`` (default ``size``)
-    and, when that is larger, centre-cropped to ``size``."""
+    and, when that is larger, centre-cropped to ``size``. The file goes through the checks of the image
+    folders (a regular file, at most ``fusionkd.data.formats.max_image_pixels()`` pixels): see docs/data.md."""
     from PIL import Image, UnidentifiedImageError
+
+    from .data import DataFormatError
+    from .data.formats import open_image
 
     side = stored_size or size
     if in_chans == 3:  # exactly how image folders and stores decode their files
-        from .data import DataFormatError
         from .data.formats import decode_image
 
         try:
@@ -289,7 +326,7 @@ def load_image(path: str | Path, in_chans: int, size: int, stored_size: int | No
         o = (side - size) // 2
         return torch.from_numpy(arr[o:o + size, o:o + size].copy()).permute(2, 0, 1).contiguous()
     try:
-        with Image.open(path) as im:
+        with open_image(Path(path)) as im:
             im = im.convert("L" if in_chans == 1 else "RGB")
             w, h = im.size
             if w != h:
@@ -301,7 +338,7 @@ def load_image(path: str | Path, in_chans: int, size: int, stored_size: int | No
                 o = (side - size) // 2
                 im = im.crop((o, o, o + size, o + size))
             arr = np.asarray(im, dtype=np.uint8)
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+    except (DataFormatError, UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read image {str(path)!r}: {e}") from e
     t = torch.from_numpy(arr.copy())
     return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()

@@ -21,6 +21,7 @@ import functools
 import hashlib
 import inspect
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -146,6 +147,8 @@ class DatasetInfo:
         if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
             raise ValueError(f"mean/std need {self.in_chans} values (one per channel), got "
                              f"{len(self.mean)} / {len(self.std)}")
+        if not all(math.isfinite(v) for v in self.mean + self.std):
+            raise ValueError(f"mean/std must be finite numbers, got mean {self.mean}, std {self.std}")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"std must be positive, got {self.std}")
 
@@ -898,6 +901,9 @@ def _load_imagefolder(req: LoadRequest, *, channels: str = "auto", storage: str 
     classes = list_classes(root / "train")
     if not classes:
         raise DataFormatError(f"{root / 'train'}: no class folders")
+    if len(classes) < 2:
+        raise DataFormatError(f"{root / 'train'}: one class folder ({classes[0]!r}); a classifier needs at least "
+                              "two classes, one folder per class")
     folders = {"train": root / "train", "test": root / "test"}
     val_name = next((v for v in ("val", "valid") if (root / v).is_dir()), None)
     if val_name:

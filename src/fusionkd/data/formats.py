@@ -3,6 +3,9 @@
 * IDX (MNIST / Fashion-MNIST), optionally gzip-compressed: :func:`read_idx`.
 * CIFAR "python version" pickled batches, read with a restricted unpickler: :func:`load_cifar_pickle`.
 * Folders of PNG/JPEG files ``<split>/<class>/*.png``: :func:`scan_image_tree`, :func:`decode_images`.
+* The checks every image file goes through before it is opened: :func:`regular_file_stat` (regular files
+  only: no named pipe, device, socket, folder or looping symbolic link), :func:`open_image` (the same, race
+  free, plus the pixel limit :func:`max_image_pixels` against decompression bombs).
 * The ``.npy`` cache of decoded image folders, keyed by a fingerprint of the files: :class:`ArrayCache`.
 
 Everything returns numpy arrays; :mod:`fusionkd.data.datasets` turns them into tensors.
@@ -10,6 +13,8 @@ Everything returns numpy arrays; :mod:`fusionkd.data.datasets` turns them into t
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import gzip
 import hashlib
 import io
@@ -18,11 +23,15 @@ import logging
 import math
 import os
 import pickle
+import re
 import shutil
+import stat
 import struct
 import tempfile
+import threading
+import warnings
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -261,18 +270,206 @@ class ImageFile:
     mtime_ns: int
 
 
+# ------------------------------------------------------------------------------ hostile or odd files
+
+#: environment variable that sets the largest image (width x height, in pixels) that is decoded
+MAX_PIXELS_ENV = "FUSIONKD_MAX_IMAGE_PIXELS"
+
+_ONLY_REGULAR = ("only regular image files (or symbolic links to them) are read; remove it or replace it with "
+                 "the image file")
+#: serialises the few microseconds of ``Image.open`` (header parsing only) during which Pillow's global pixel
+#: limit and the warning filters are adjusted; the decoding itself runs outside it, in parallel
+_OPEN_LOCK = threading.Lock()
+
+
+def max_image_pixels() -> int | None:
+    """The largest image (width x height, in pixels) that is decoded: ``$FUSIONKD_MAX_IMAGE_PIXELS`` when set,
+    else Pillow's ``PIL.Image.MAX_IMAGE_PIXELS`` (89,478,485 in Pillow 13 unless a program changed it; None:
+    no limit).
+
+    Raises:
+        ValueError: the variable is set to something other than a positive whole number.
+    """
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if raw:
+        try:
+            value = int(raw.replace("_", ""))
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise ValueError(f"{MAX_PIXELS_ENV}={raw!r}: expected a positive whole number of pixels (width x "
+                             "height), e.g. 400000000")
+        return value
+    from PIL import Image
+
+    return Image.MAX_IMAGE_PIXELS
+
+
+def _unreadable(path: Path, e: OSError) -> DataFormatError:
+    """The refusal for an ``OSError`` of ``stat``/``open`` on ``path``, in words."""
+    if e.errno == errno.ELOOP:
+        what = "a symbolic link that loops (it points to itself, or through other links back to itself)"
+    elif e.errno == errno.ENOENT and os.path.islink(path):
+        what = f"a symbolic link to {os.readlink(path)!r}, which does not exist"
+    elif e.errno == errno.ENOENT:
+        return DataFormatError(f"{path}: no such file")
+    elif e.errno in (errno.EACCES, errno.EPERM):
+        return DataFormatError(f"{path}: cannot be read (permission denied); make it readable by this user")
+    else:
+        what = f"cannot be read ({e.strerror or e})"
+    return DataFormatError(f"{path}: {what}; {_ONLY_REGULAR}")
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, in words, from its ``st_mode``: "a named pipe (FIFO)", "a socket", ..."""
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device file"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    return "a special file"
+
+
+def regular_file_stat(path: Path, entry: os.DirEntry | None = None) -> os.stat_result:
+    """``stat`` of ``path`` (following symbolic links; from ``entry`` when given), refusing anything that is not a
+    regular file. Nothing is opened, so a named pipe cannot block and a device file is never touched.
+
+    Raises:
+        DataFormatError: a named pipe, socket, device or folder; a symbolic link that loops or whose target is
+            missing; a file that cannot be stat'ed. The message names the file and says what is read.
+    """
+    try:
+        st = entry.stat() if entry is not None else os.stat(path)
+    except OSError as e:
+        raise _unreadable(path, e) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise DataFormatError(f"{path}: {file_kind(st.st_mode)}, not a regular file; {_ONLY_REGULAR}")
+    return st
+
+
+def open_regular(path: Path) -> io.BufferedReader:
+    """``open(path, "rb")`` for a regular file only, without ever blocking: the file is opened non-blocking
+    (a named pipe without a writer then opens at once instead of waiting forever), checked with ``fstat`` on
+    the open descriptor (so a file swapped for a pipe after a directory scan is still refused), and only
+    then switched back to blocking reads.
+
+    Raises:
+        DataFormatError: see :func:`regular_file_stat`.
+    """
+    path = Path(path)
+    regular_file_stat(path)  # refuse devices before opening them at all
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise _unreadable(path, e) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise DataFormatError(f"{path}: {file_kind(mode)}, not a regular file; {_ONLY_REGULAR}")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _bomb_pixels(e: Exception) -> str:
+    """The pixel count in Pillow's ``DecompressionBombError`` message, formatted (or "too many")."""
+    m = re.search(r"\((\d+) pixels\)", str(e))
+    return f"{int(m.group(1)):,}" if m else "too many"
+
+
+def _too_large(path: Path, pixels: str, limit: int) -> DataFormatError:
+    return DataFormatError(
+        f"{path}: {pixels} pixels, more than the limit of {limit:,} pixels (width x height; a protection against "
+        f"decompression bombs, Pillow's PIL.Image.MAX_IMAGE_PIXELS unless {MAX_PIXELS_ENV} is set); shrink the "
+        f"image, or raise the limit with the environment variable {MAX_PIXELS_ENV}=<pixels>"
+    )
+
+
+@contextlib.contextmanager
+def open_image(path: Path) -> Iterator[Any]:
+    """A Pillow image of the regular file ``path`` (header read, pixels not yet decoded), closed on exit.
+
+    Images larger than :func:`max_image_pixels` are refused, whatever their file size (a 30000x30000 1-bit PNG
+    is 110 kB): Pillow's own check, which only warns between its limit and twice it, is held to the one
+    limit here, so every image above it is refused and none below it is.
+
+    Raises:
+        DataFormatError: not a regular file (see :func:`open_regular`), too many pixels, or not an image Pillow
+            can identify; the message names the file.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    limit = max_image_pixels()
+    fh = open_regular(path)
+    try:
+        with _OPEN_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with the file named
+            saved = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = limit
+            try:
+                im = Image.open(fh)
+            except Image.DecompressionBombError as e:  # more than twice the limit: Pillow refuses it itself
+                raise _too_large(path, _bomb_pixels(e), limit or 0) from None
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+                raise DataFormatError(f"{path}: cannot decode image ({e}); remove or replace the file") from e
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+        with im:
+            w, h = im.size
+            if limit is not None and w * h > limit:
+                raise _too_large(path, f"{w}x{h} = {w * h:,}", limit)
+            yield im
+    finally:
+        fh.close()
+
+
+def list_folder(folder: Path) -> list[os.DirEntry]:
+    """The entries of ``folder``, or a :class:`DataFormatError` naming it when it cannot be listed."""
+    try:
+        with os.scandir(folder) as it:
+            return list(it)
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM):
+            why = "permission denied; make it readable by this user (e.g. chmod a+rx) or remove it"
+        else:
+            why = e.strerror or str(e)
+        raise DataFormatError(f"{folder}: cannot list the folder ({why}); every data folder must be readable") \
+            from None
+
+
 def _visible_dirs(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    out = []
+    for e in list_folder(path):
+        if e.name.startswith("."):
+            continue
+        try:
+            is_dir = e.is_dir()
+        except OSError:  # a looping symbolic link: not a class folder
+            is_dir = False
+        if is_dir:
+            out.append(Path(e.path))
+    return sorted(out)
 
 
 def list_classes(split_dir: Path) -> list[str]:
-    """Sorted names of the class sub-folders of ``split_dir`` (hidden folders ignored)."""
+    """Sorted names of the class sub-folders of ``split_dir`` (hidden folders ignored).
+
+    Raises:
+        DataFormatError: ``split_dir`` cannot be listed (e.g. permission denied); the message names it.
+    """
     return [p.name for p in _visible_dirs(split_dir)]
 
 
 def scan_image_tree(split_dir: Path, classes: Sequence[str], *, require_all: bool = True) -> list[ImageFile]:
     """All images of ``split_dir/<class>/*.{png,jpg,jpeg}`` (extension case-insensitive), sorted by class,
-    then file name. Hidden files and other extensions are ignored.
+    then file name. Hidden files and other extensions are ignored; an entry with an image extension must be a
+    regular file (or a symbolic link to one): see :func:`regular_file_stat`.
 
     Args:
         require_all: every class of ``classes`` must have a folder with at least one image (training
@@ -280,7 +477,7 @@ def scan_image_tree(split_dir: Path, classes: Sequence[str], *, require_all: boo
 
     Raises:
         DataFormatError: a class folder is not one of ``classes``; with ``require_all``, a class folder is
-            missing or holds no image.
+            missing or holds no image; a folder cannot be listed; an image entry is not a regular file.
     """
     index = {c: i for i, c in enumerate(classes)}
     found = list_classes(split_dir)
@@ -298,12 +495,11 @@ def scan_image_tree(split_dir: Path, classes: Sequence[str], *, require_all: boo
                 continue
             raise DataFormatError(f"{split_dir}: missing class folder {cls!r}")
         n0 = len(files)
-        with os.scandir(cdir) as it:
-            for e in it:
-                if e.name.startswith(".") or not e.name.lower().endswith(IMAGE_EXTENSIONS):
-                    continue
-                st = e.stat()
-                files.append(ImageFile(Path(e.path), index[cls], st.st_size, st.st_mtime_ns))
+        for e in list_folder(cdir):
+            if e.name.startswith(".") or not e.name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            st = regular_file_stat(Path(e.path), e)
+            files.append(ImageFile(Path(e.path), index[cls], st.st_size, st.st_mtime_ns))
         if len(files) == n0 and require_all:
             raise DataFormatError(
                 f"{cdir}: no images (looked for {', '.join('*' + x for x in IMAGE_EXTENSIONS)})"
@@ -329,7 +525,8 @@ def decode_image(path: Path, image_size: int) -> np.ndarray:
     """One image file as RGB uint8 ``(S, S, 3)``, ``S = image_size``: see :func:`decode_images`.
 
     Raises:
-        DataFormatError: the file cannot be read or decoded (the message names it).
+        DataFormatError: the file cannot be read or decoded, is not a regular file or has more pixels than
+            :func:`max_image_pixels` (the message names it).
     """
     return _decode(path, image_size)[0]
 
@@ -337,8 +534,9 @@ def decode_image(path: Path, image_size: int) -> np.ndarray:
 def _decode(path: Path, image_size: int) -> tuple[np.ndarray, bool]:
     from PIL import Image
 
+    max_image_pixels()  # a bad $FUSIONKD_MAX_IMAGE_PIXELS is its own error, not the image's
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             gray = im.mode in _GRAY_MODES
             if im.format == "JPEG":  # decode at a reduced DCT scale when the image is >= 2x the target
                 w, h = im.size
@@ -355,6 +553,10 @@ def _decode(path: Path, image_size: int) -> tuple[np.ndarray, bool]:
             if im.size != (image_size, image_size):
                 im = im.resize((image_size, image_size), Image.BILINEAR)
             return np.asarray(im, dtype=np.uint8), gray
+    except DataFormatError:
+        raise
+    except Image.DecompressionBombError as e:  # a later frame (GIF) larger than the first
+        raise _too_large(path, _bomb_pixels(e), max_image_pixels() or 0) from None
     except (OSError, ValueError, SyntaxError) as e:
         raise DataFormatError(f"{path}: cannot decode image ({e}); remove or replace the file") from e
 

@@ -3,18 +3,21 @@
 Every reader returns a :class:`FileSplits` (image files per split, in a fixed order, and the class names);
 decoding, caching and the store are shared by all of them (``datasets._materialise``). Every file the
 layout names must exist; a listed file that is missing, a label outside the classes or a malformed line
-raises :class:`~fusionkd.data.DataFormatError` naming the file and line.
+raises :class:`~fusionkd.data.DataFormatError` naming the file and line. Every image goes through the same file
+check as an image folder's (:func:`~fusionkd.data.formats.regular_file_stat`: regular files only, no named
+pipe, device or looping link), and an unreadable folder is refused by name.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .formats import DataFormatError, ImageFile
+from .formats import DataFormatError, ImageFile, list_folder, open_regular, regular_file_stat
 
 __all__ = ["FileSplits", "find_imagenet_root", "read_cub200", "read_imagenet", "read_tinyimagenet"]
 
@@ -29,31 +32,53 @@ class FileSplits:
 
 
 def _image_file(path: Path, label: int, where: str) -> ImageFile:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise DataFormatError(f"{path}: listed by {where} but missing; the extraction is incomplete") from None
+    """A listed image, which must exist and be a regular file (:func:`~fusionkd.data.formats.regular_file_stat`)."""
+    if not os.path.lexists(path):
+        raise DataFormatError(f"{path}: listed by {where} but missing; the extraction is incomplete")
+    st = regular_file_stat(path)
     return ImageFile(path, label, st.st_size, st.st_mtime_ns)
 
 
 def _scan_dir(folder: Path, label: int, exts: tuple[str, ...]) -> list[ImageFile]:
+    """The images of ``folder`` with one of ``exts`` (hidden ones ignored), sorted by name; every such entry
+    must be a regular file (or a symbolic link to one), and an unreadable folder is refused by name."""
     out = []
-    with os.scandir(folder) as it:
-        for e in it:
-            if e.name.startswith(".") or not e.name.lower().endswith(exts) or not e.is_file():
-                continue
-            st = e.stat()
-            out.append(ImageFile(Path(e.path), label, st.st_size, st.st_mtime_ns))
+    for e in list_folder(folder):
+        if e.name.startswith(".") or not e.name.lower().endswith(exts):
+            continue
+        st = regular_file_stat(Path(e.path), e)
+        out.append(ImageFile(Path(e.path), label, st.st_size, st.st_mtime_ns))
     out.sort(key=lambda f: f.path.name)
     return out
 
 
+def _read_text(path: Path) -> str:
+    """A UTF-8 text file of the layout (a regular file only: :func:`~fusionkd.data.formats.open_regular`)."""
+    try:
+        with open_regular(path) as f:
+            return f.read().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataFormatError(f"{path}: cannot read ({e})") from e
+    except OSError as e:
+        raise DataFormatError(f"{path}: cannot read ({e.strerror or e})") from e
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    """The visible sub-folders of ``folder``, sorted (an unreadable folder is refused by name)."""
+    return [Path(e.path) for e in sorted(list_folder(folder), key=lambda e: e.name)
+            if not e.name.startswith(".") and _is_dir(e)]
+
+
+def _is_dir(e: os.DirEntry) -> bool:
+    try:
+        return e.is_dir()
+    except OSError:  # a looping symbolic link is not a folder
+        return False
+
+
 def _lines(path: Path) -> Iterable[tuple[int, list[str]]]:
     """Non-empty lines of a text file as ``(line number, whitespace-split fields)``."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataFormatError(f"{path}: cannot read ({e})") from e
+    text = _read_text(path)
     for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             yield n, line.split()
@@ -77,7 +102,7 @@ def read_tinyimagenet(root: Path) -> FileSplits:
     words: dict[str, str] = {}
     words_path = root / "words.txt"
     if words_path.is_file():
-        for line in words_path.read_text(encoding="utf-8").splitlines():
+        for line in _read_text(words_path).splitlines():
             wnid, _, names = line.partition("\t")
             if wnid in index:
                 words[wnid] = names.strip()
@@ -206,7 +231,7 @@ def _imagenet_names(root: Path, wnids: list[str]) -> list[str]:
     mapping = _upwards(root, "LOC_synset_mapping.txt")
     names: dict[str, str] = {}
     if mapping is not None:
-        for line in mapping.read_text(encoding="utf-8").splitlines():
+        for line in _read_text(mapping).splitlines():
             wnid, _, rest = line.partition(" ")
             names[wnid] = rest.strip()
     return [names.get(w) or w for w in wnids]
@@ -220,7 +245,7 @@ def read_imagenet(root: Path) -> FileSplits:
     looked up in ``root`` and up to three folders above it, directly or in ``ILSVRC2012_devkit_t12/data/``.
     Classes are the sorted train wnids (names from ``LOC_synset_mapping.txt`` when present); the official
     val set is the test split."""
-    wnids = [p.name for p in sorted((root / "train").iterdir()) if p.is_dir() and not p.name.startswith(".")]
+    wnids = [p.name for p in _subfolders(root / "train")]
     if not wnids:
         tars = list((root / "train").glob("n*.tar"))
         hint = (f"; it holds {len(tars)} per-class .tar files: extract each into train/<wnid>/ (e.g. "
@@ -234,7 +259,7 @@ def read_imagenet(root: Path) -> FileSplits:
             raise DataFormatError(f"{root / 'train' / w}: no images")
         train += files
     val_dir = root / "val"
-    sub = [p for p in sorted(val_dir.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+    sub = _subfolders(val_dir)
     test: list[ImageFile] = []
     if sub:
         unknown = [p.name for p in sub if p.name not in index]
@@ -251,7 +276,7 @@ def read_imagenet(root: Path) -> FileSplits:
         csv_path = _upwards(root, "LOC_val_solution.csv")
         gt_path = _upwards(root, VAL_GROUND_TRUTH)
         if csv_path is not None:
-            with open(csv_path, newline="", encoding="utf-8") as fh:
+            with io.StringIO(_read_text(csv_path), newline="") as fh:
                 reader = csv.reader(fh)
                 header = next(reader, None)
                 if not header or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:

@@ -30,6 +30,7 @@ from .datasets import (
     open_store_source,
     register_dataset,
 )
+from .formats import DataFormatError
 from .layouts import CUB_FOLDER, TINY_FOLDER, find_imagenet_root, read_cub200, read_imagenet, read_tinyimagenet
 from .store import Store
 
@@ -63,6 +64,9 @@ def _official(req: LoadRequest, opts: StoreOptions, default_size: int, locate, w
             return stored
         raise
     files = reader(root)
+    if len(files.classes) < 2:
+        raise DataFormatError(f"{root}: {len(files.classes)} class ({files.classes!r}); a classifier needs at least "
+                              "two classes")
     if len(files.classes) != official_classes:
         logger.warning("%s at %s has %d classes (the official set has %d)", req.name, root, len(files.classes),
                        official_classes)

@@ -29,8 +29,10 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -42,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .formats import DataFormatError, ImageFile, decode_image
+from .formats import DataFormatError, ImageFile, decode_image, file_kind, open_regular
 
 logger = logging.getLogger(__name__)
 
@@ -240,7 +242,7 @@ def prepare_store(
         entries = []
         for k in range(-(-len(files) // shard_size)):
             name = _shard_name(split, k)
-            side = json.loads((root / f"{name}.json").read_text())
+            side = _read_sidecar(root / f"{name}.json", min(shard_size, len(files) - k * shard_size))
             entries.append({"file": f"{name}.u8", "count": side["count"], "sha256": side["sha256"]})
             if split == "train":
                 hist_train += np.asarray(side["hist"], dtype=np.float64)
@@ -260,6 +262,28 @@ def prepare_store(
     logger.info("store %s complete: %d images at %d px, %.1f MB", root, total, resolution,
                 total * per_image / 1e6)
     return root
+
+
+def _read_sidecar(path: Path, count: int) -> dict[str, Any]:
+    """A shard's sidecar (``count``, ``sha256``, 3x256 ``hist``), checked: the manifest and the store's statistics
+    are built from it."""
+    try:
+        with open_regular(path) as f:
+            side = json.loads(f.read())
+    except (ValueError, OSError) as e:
+        side = e
+    ok = isinstance(side, dict) and side.get("count") == count and isinstance(side.get("sha256"), str)
+    if ok:
+        try:
+            hist = np.asarray(side["hist"], dtype=np.float64)
+            ok = hist.shape == (3, 256) and bool(np.isfinite(hist).all()) and bool((hist >= 0).all())
+        except (KeyError, TypeError, ValueError):
+            ok = False
+    if not ok:
+        raise StoreError(f"{path}: not a shard sidecar of this store (expected {{'count': {count}, 'sha256': str, "
+                         "'hist': 3x256 finite counts}); delete it (and its .u8 shard) and run the same prepare "
+                         "again to rebuild that shard")
+    return side
 
 
 def _check_space(root: Path, splits: dict[str, Sequence[ImageFile]], shard_size: int, per_image: int) -> None:
@@ -294,12 +318,70 @@ def _plan_difference(old: dict | None, new: dict) -> str:
         if old.get(key) != new.get(key):
             a, b = old.get(key), new.get(key)
             if key == "classes":
-                a, b = f"{len(a or [])} classes", f"{len(b or [])} classes"
+                a = f"{len(a)} classes" if isinstance(a, list) else f"a {type(a).__name__} as classes"
+                b = f"{len(b)} classes"
             return f"{key}: the folder has {a!r}, this prepare asks for {b!r}"
     return "format details differ"
 
 
 # --------------------------------------------------------------------------------------------- open
+
+
+def _is_int(x: Any, lo: int) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= lo
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _manifest_problem(m: dict[str, Any]) -> str | None:
+    """What is wrong with the fields of a manifest that :class:`Store` reads (their types, ranges and
+    agreement with each other), or None. File names are checked where they are opened (:meth:`Store._member`)."""
+    if not isinstance(m.get("dataset"), str) or not m["dataset"]:
+        return f"'dataset' must be a non-empty string, got {m.get('dataset')!r}"
+    if not _is_int(m.get("resolution"), 1):
+        return f"'resolution' must be an int >= 1, got {m.get('resolution')!r}"
+    if not _is_int(m.get("shard_size"), 1):
+        return f"'shard_size' must be an int >= 1, got {m.get('shard_size')!r}"
+    if not isinstance(m.get("fingerprint"), str):
+        return f"'fingerprint' must be a string, got {type(m.get('fingerprint')).__name__}"
+    classes = m.get("classes")
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        return f"'classes' must be a list of class names (strings), got {type(classes).__name__}"
+    if len(classes) < 2:
+        return f"'classes' holds {len(classes)} class(es) {classes!r}; a classifier needs at least two"
+    for key in ("mean", "std"):
+        values = m.get(key)
+        if not isinstance(values, list) or len(values) != 3:
+            return f"'{key}' must be a list of 3 numbers (one per RGB channel), got {values!r}"
+        if not all(_is_number(v) for v in values):
+            return (f"'{key}' must be 3 finite numbers, got {values!r} (NaN or infinite statistics would turn every "
+                    "normalised pixel into NaN)")
+    if any(v <= 0 for v in m["std"]):
+        return f"'std' must be positive, got {m['std']!r}"
+    shards, labels = m.get("shards"), m.get("labels")
+    if not isinstance(shards, dict) or not shards:
+        return f"'shards' must be an object mapping each split to its list of shards, got {type(shards).__name__}"
+    if not isinstance(labels, dict) or set(labels) != set(shards):
+        return (f"'labels' must be an object with one entry per split of 'shards' ({sorted(shards)}), got "
+                f"{sorted(labels) if isinstance(labels, dict) else type(labels).__name__}")
+    for split, entries in shards.items():
+        if not isinstance(entries, list):
+            return f"'shards' of split {split!r} must be a list, got {type(entries).__name__}"
+        for k, e in enumerate(entries):
+            if not (isinstance(e, dict) and isinstance(e.get("file"), str) and _is_int(e.get("count"), 1)
+                    and isinstance(e.get("sha256"), str)):
+                return (f"shard {k} of split {split!r} must be {{'file': str, 'count': int >= 1, 'sha256': str}}, "
+                        f"got {e!r}")
+            full = k < len(entries) - 1
+            if (full and e["count"] != m["shard_size"]) or e["count"] > m["shard_size"]:
+                return (f"shard {k} of split {split!r} holds {e['count']} images, but every shard but the last holds "
+                        f"exactly shard_size={m['shard_size']} (and the last at most that)")
+        e = labels[split]
+        if not (isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("sha256"), str)):
+            return f"'labels' of split {split!r} must be {{'file': str, 'sha256': str}}, got {e!r}"
+    return None
 
 
 class Store:
@@ -325,18 +407,28 @@ class Store:
             raise StoreError(f"{self.root}: not a fusionkd store (no manifest.json); build one with "
                              "`fusionkd prepare`")
         try:
-            m = json.loads(man_path.read_text())
-        except ValueError as e:
+            with open_regular(man_path) as f:
+                m = json.loads(f.read())
+        except (ValueError, OSError) as e:
+            if isinstance(e, DataFormatError):
+                raise StoreError(str(e)) from None
             raise StoreError(f"{man_path}: unreadable manifest ({e}); prepare the store again") from e
+        if not isinstance(m, dict):
+            raise StoreError(f"{man_path}: holds a JSON {type(m).__name__}, not the manifest object of a fusionkd "
+                             "store; prepare the store again")
         if m.get("format") != STORE_FORMAT or m.get("version") != STORE_VERSION:
             raise StoreError(f"{man_path}: format {m.get('format')!r} version {m.get('version')!r}, expected "
                              f"{STORE_FORMAT!r} version {STORE_VERSION}")
+        problem = _manifest_problem(m)
+        if problem:
+            raise StoreError(f"{man_path}: {problem}; this is not a manifest that fusionkd writes (damaged or "
+                             "edited): copy the store again or prepare it again")
         self.manifest = m
         self.dataset: str = m["dataset"]
         self.resolution: int = int(m["resolution"])
         self.classes: list[str] = list(m["classes"])
-        self.mean: tuple[float, ...] = tuple(m["mean"])
-        self.std: tuple[float, ...] = tuple(m["std"])
+        self.mean: tuple[float, ...] = tuple(float(x) for x in m["mean"])
+        self.std: tuple[float, ...] = tuple(float(x) for x in m["std"])
         self.shard_size: int = int(m["shard_size"])
         self.image_bytes = 3 * self.resolution * self.resolution
         if dataset is not None and dataset != self.dataset:
@@ -356,10 +448,11 @@ class Store:
         for split, entries in m["shards"].items():
             paths = []
             for e in entries:
-                p = self.root / e["file"]
-                if not p.is_file():
+                p = self._member(man_path, e["file"], f"shard of split {split!r}")
+                if not os.path.lexists(p):
                     raise StoreError(f"{p}: missing shard of split {split!r} ({e['count']} images); the store is "
                                      "incomplete: copy it again or prepare it again")
+                self._regular(p)
                 size, want = p.stat().st_size, e["count"] * self.image_bytes
                 if size != want:
                     raise StoreError(f"{p}: truncated or damaged shard: {size} bytes, the manifest says {want} "
@@ -370,9 +463,10 @@ class Store:
             self._counts[split] = sum(e["count"] for e in entries)
         self._labels: dict[str, np.ndarray] = {}
         for split, e in m["labels"].items():
-            p = self.root / e["file"]
-            if not p.is_file():
+            p = self._member(man_path, e["file"], f"labels file of split {split!r}")
+            if not os.path.lexists(p):
                 raise StoreError(f"{p}: missing labels file of split {split!r}")
+            self._regular(p)
             try:
                 lab = np.load(p, allow_pickle=False)
             except (OSError, ValueError) as err:
@@ -384,6 +478,33 @@ class Store:
             self._labels[split] = lab
         self._fds: dict[tuple[str, int], int] = {}
         self._fd_lock = threading.Lock()
+
+    def _member(self, man_path: Path, name: str, what: str) -> Path:
+        """``root/name`` for a file the manifest names, refused unless it stays inside the store folder: a plain
+        file name (no absolute path, no folder, no ``..``) whose symbolic links, if any, resolve inside it."""
+        if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+            raise StoreError(f"{man_path}: names {what} {name!r}, which is not a file name inside the store folder "
+                             "(a manifest names only files of its own folder: no absolute path, no sub-folder, no "
+                             "'..'); the manifest was altered: copy the store again or prepare it again")
+        p = self.root / name
+        real, home = os.path.realpath(p), os.path.realpath(self.root)
+        if os.path.commonpath([real, home]) != home:
+            raise StoreError(f"{p}: {what} is a symbolic link to {real}, outside the store folder {home}; a store "
+                             "reads only files inside its own folder: copy the real file in, or prepare the store "
+                             "again")
+        return p
+
+    @staticmethod
+    def _regular(p: Path) -> None:
+        """Refuse a shard or labels file that is not a regular file (a named pipe would block its reader)."""
+        try:
+            mode = os.stat(p).st_mode
+        except OSError as e:
+            raise StoreError(f"{p}: cannot be read ({e.strerror or e}); copy the store again or prepare it "
+                             "again") from None
+        if not stat.S_ISREG(mode):
+            raise StoreError(f"{p}: {file_kind(mode)}, not a regular file; a store's shards and labels are regular "
+                             "files: copy the store again or prepare it again")
 
     @property
     def splits(self) -> list[str]:
