@@ -26,9 +26,10 @@ TINY = dict(
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> fusionkd.engine.RunResult:
-    """A tiny baseline teacher: step 1 of the two-step recipe."""
+    """A tiny baseline teacher: step 1 of the two-step recipe (trained until it beats chance: teachers are
+    checked on validation before a student trains)."""
     out = tmp_path_factory.mktemp("teacher")
-    return fusionkd.train(method="baseline", epochs=2, out_dir=str(out), name="teacher", **TINY)
+    return fusionkd.train(method="baseline", epochs=20, out_dir=str(out), name="teacher", **TINY)  # 100 % val: above chance
 
 
 def teacher_state(path: Path) -> dict[str, torch.Tensor]:

@@ -275,3 +275,24 @@ def test_the_marker_and_lock_are_the_only_additions_to_a_new_run(tmp_path):
     names = set(os.listdir(runs / "r"))
     assert {MARKER_NAME, LOCK_NAME, "config.yaml", "last.pt", "best.pt", "summary.json", "metrics.jsonl",
             "train.log"} == names
+
+
+# ------------------------------------------------------------------------------------- export
+def test_export_never_writes_over_files_it_did_not_make(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    train(runs, "r")
+    d = runs / "r"
+    before = snapshot(d)
+    # --out d/best.pt2 would put the deploy file at d/best.pt: the training checkpoint it reads
+    assert main(["export", str(d / "best.pt"), "--out", str(d / "best.pt2")]) == 2
+    assert "over the checkpoint it reads" in capsys.readouterr().err
+    assert snapshot(d) == before
+    mine = tmp_path / "student.pt"
+    mine.write_bytes(b"my own weights")
+    assert main(["export", str(d / "best.pt"), "--out", str(tmp_path / "student.pt2")]) == 2
+    assert "student.pt" in capsys.readouterr().err and mine.read_bytes() == b"my own weights"
+    # an earlier export's files are replaced
+    out = tmp_path / "exp" / "net.pt2"
+    assert main(["export", str(d / "best.pt"), "--out", str(out)]) == 0
+    assert main(["export", str(d / "best.pt"), "--out", str(out)]) == 0
+    assert load_checkpoint(out.with_suffix(".pt"))["format"].endswith("-deploy")

@@ -153,7 +153,8 @@ def atomic_copy(src: str | Path, dst: str | Path) -> None:
     _atomic_write(dst, fill)
 
 
-def _read(p: Path, map_location: str | torch.device) -> dict[str, Any]:
+def read_checkpoint_file(p: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """One checkpoint file exactly as written (no best.pt/last.pt redirection), read as data and checked."""
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle errors, truncated zip, refused globals
@@ -253,17 +254,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not p.is_file() and p.name == "best.pt" and (p.parent / "last.pt").is_file():
         # the window of epoch 1 (or of a best.pt deleted by a stop): last.pt is written first; when it records
         # its own epoch as the best one, it *is* best.pt's content
-        last = _read(p.parent / "last.pt", map_location)
+        last = read_checkpoint_file(p.parent / "last.pt", map_location)
         if best_is_last(last):
             return last
         raise CheckpointError(f"checkpoint {str(p)!r} does not exist, and {p.parent / 'last.pt'} (epoch "
                               f"{last.get('epoch')}) does not record its own epoch as the best one")
     if not p.is_file():
         raise CheckpointError(f"checkpoint {str(p)!r} does not exist")
-    ckpt = _read(p, map_location)
+    ckpt = read_checkpoint_file(p, map_location)
     if p.name == "best.pt" and (p.parent / "last.pt").is_file():
         with contextlib.suppress(CheckpointError):
-            last = _read(p.parent / "last.pt", map_location)
+            last = read_checkpoint_file(p.parent / "last.pt", map_location)
             if best_is_last(last) and last.get("epoch") != ckpt.get("epoch") \
                     and last.get("config") == ckpt.get("config"):
                 return last

@@ -50,7 +50,7 @@ class Config:
     teacher: str | None = None  #: checkpoint of a pre-trained teacher (offline methods)
     teacher_model: str | None = None  #: instead of teacher: a model name for a teacher from outside fusionkd
     teacher_weights: str | None = None  #: weights file of teacher_model (.pth/.pt/.safetensors/checkpoint)
-    teacher_min_accuracy: float | None = None  #: refuse an outside teacher below this val accuracy (%)
+    teacher_min_accuracy: float | None = None  #: refuse a teacher below this val accuracy (%); unset: chance
     weights: str | None = None  #: weights file that initialises the deployed network (or every peer)
     options: dict[str, Any] = field(default_factory=dict)  #: the method's own options
     plugins: list[str] | None = None  #: local .py files that register methods/models/datasets (``--plugin``)
@@ -539,9 +539,9 @@ def check_teacher_keys(cfg: Config, needs_teacher: bool) -> None:
              if getattr(cfg, k) is not None]
     if given and not needs_teacher:
         raise ConfigError(f"method {cfg.method!r} does not use a teacher; remove {', '.join(given)}")
-    if (cfg.teacher_weights or cfg.teacher_min_accuracy is not None) and not cfg.teacher_model:
-        raise ConfigError("teacher_weights and teacher_min_accuracy go with teacher_model=NAME (the teacher's "
-                          "architecture); with teacher=CHECKPOINT the checkpoint holds both")
+    if cfg.teacher_weights and not cfg.teacher_model:
+        raise ConfigError("teacher_weights goes with teacher_model=NAME (the teacher's architecture); with "
+                          "teacher=CHECKPOINT the checkpoint holds both")
     if cfg.teacher and cfg.teacher_model:
         raise ConfigError("give either teacher=CHECKPOINT (a fusionkd run) or teacher_model=NAME "
                           "teacher_weights=FILE (a teacher from outside fusionkd), not both")
@@ -568,7 +568,7 @@ def check_files(cfg: Config) -> None:
         if not p.is_file():
             raise ConfigError(f"{key}={value!r} does not exist (expected a weights file: "
                               f"{', '.join(WEIGHT_SUFFIXES)}, or a fusionkd checkpoint)")
-        if p.suffix not in WEIGHT_SUFFIXES:
+        if not p.name.endswith(WEIGHT_SUFFIXES):  # a name, not p.suffix: ".pth.tar" is two suffixes
             raise ConfigError(f"{key}={value!r}: files ending in {p.suffix or '(nothing)'} are not read; accepted: "
                               f"{', '.join(WEIGHT_SUFFIXES)} (a torch.save'd state dict, safetensors, or a fusionkd "
                               "checkpoint)")

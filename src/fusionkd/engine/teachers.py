@@ -13,8 +13,10 @@ Such a teacher carries no record of the data it was trained on, so before the st
 evaluated on the validation split (the training images when there is none) and its accuracy is logged
 and kept in the summary (``method_extras.teacher.check``). A teacher that does no better than a constant
 guess stops the run: below ``teacher_min_accuracy`` when that is set, else not above the share of the
-split's most frequent class by three binomial standard deviations. Wrong weights, another normalisation
-or another class order all look like that.
+split's most frequent class by three binomial standard deviations (when that bar is above 100 %, the split
+is too small to decide and the check is skipped with a warning). Wrong weights, another normalisation or
+another class order all look like that. A ``teacher=CHECKPOINT`` (a fusionkd run) is checked the same way:
+its checkpoint records the data it was trained on, but not that it learnt anything.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..data import DatasetInfo, DataSplits, DeviceLoader
+from ..data import DatasetInfo, DataSplits, DeviceLoader, make_loader
 from ..methods import Teacher
 from .config import Config, ConfigError
 
@@ -86,7 +88,8 @@ def _accuracy(model: torch.nn.Module, loader: DeviceLoader, num_classes: int, am
 
 def check_teacher(teacher: Teacher, splits: DataSplits, cfg: Config, device: torch.device, amp,
                   batch_size: int = 512) -> dict[str, Any]:
-    """Evaluate an outside teacher before training; record the result in ``teacher.meta["check"]``.
+    """Evaluate a teacher (from outside fusionkd, or ``teacher=CHECKPOINT``) before training; record the
+    result in ``teacher.meta["check"]``.
 
     Raises:
         ConfigError: the teacher is at chance level (see the module docstring).
@@ -94,8 +97,8 @@ def check_teacher(teacher: Teacher, splits: DataSplits, cfg: Config, device: tor
     info = splits.info
     use_val = splits.val is not None and len(splits.val) > 0
     data = splits.val if use_val else splits.train
-    loader = DeviceLoader(data, info, batch_size=batch_size, train=False, device=device,
-                          channels_last=cfg.channels_last)
+    loader = make_loader(data, info, batch_size=batch_size, train=False, device=device,
+                         channels_last=cfg.channels_last)  # in memory or a store alike
     acc, majority, n = _accuracy(teacher.model, loader, len(info.classes), amp)
     p = majority / 100.0
     margin = 300.0 * math.sqrt(max(p * (1 - p), 1e-12) / max(n, 1))
@@ -108,9 +111,15 @@ def check_teacher(teacher: Teacher, splits: DataSplits, cfg: Config, device: tor
     teacher.meta["val_accuracy" if use_val else "train_accuracy"] = acc
     log.info("teacher %s on the %s split (%d images): %.2f%% accuracy (a constant guess gets %.2f%%)",
              teacher.model_name, split, n, acc, majority)
+    if cfg.teacher_min_accuracy is None and threshold >= 100.0:
+        check["undecided"] = f"{n} images are too few to tell a teacher from chance (it would need > 100 %)"
+        log.warning("teacher %s: %s; the check is skipped (set teacher_min_accuracy to decide yourself)",
+                    teacher.model_name, check["undecided"])
+        return check
     if acc <= threshold:
         raise ConfigError(
-            f"the teacher {teacher.model_name!r} ({cfg.teacher_weights or 'its own weights'}) gets {acc:.2f}% on "
+            f"the teacher {teacher.model_name!r} ({cfg.teacher_weights or cfg.teacher or 'its own weights'}) gets "
+            f"{acc:.2f}% on "
             f"the {split} split ({n} images), no better than chance (threshold {threshold:.2f}%: "
             f"{check['threshold_rule']}); it would teach nothing. Check that the weights are the trained ones, "
             f"that the teacher expects images normalised with this run's mean {list(info.mean)} and std "

@@ -52,6 +52,7 @@ from .checkpoint import (
     build_deploy_model,
     load_checkpoint,
     load_weights_strict,
+    read_checkpoint_file,
     rng_state,
     set_rng_state,
     storage_error,
@@ -372,9 +373,7 @@ def _read_config_yaml(run_dir: Path) -> dict[str, Any]:
 
 def _read_epoch(path: Path) -> int | None:
     """The ``epoch`` of a checkpoint file, read without building anything (memory-mapped)."""
-    from .checkpoint import _read
-
-    return _read(path, "cpu").get("epoch")
+    return read_checkpoint_file(path).get("epoch")
 
 
 def config_hash(cfg: Config | dict[str, Any]) -> str:
@@ -579,9 +578,7 @@ class Trainer:
             held = None  # unreadable: rebuilt below when possible
         if held == best["epoch"]:
             if best.get("test") is not None and best_is_last(last) is False:
-                from .checkpoint import _read
-
-                if (_read(path, "cpu").get("metrics") or {}).get("test") is None:
+                if (read_checkpoint_file(path).get("metrics") or {}).get("test") is None:
                     self._record_best_test(best)  # a stop after last.pt, before best.pt got its test accuracy
             return
         if best_is_last(last):
@@ -591,7 +588,7 @@ class Trainer:
             return
         raise CheckpointError(
             f"{path} holds epoch {held} but last.pt records epoch {best['epoch']} as the best one; best.pt was "
-            "changed outside fusionkd and epoch {best['epoch']}'s weights are gone. Restore best.pt, or start the "
+            f"changed outside fusionkd and epoch {best['epoch']}'s weights are gone. Restore best.pt, or start the "
             "run again with --overwrite"
         )
 
@@ -749,7 +746,7 @@ class Trainer:
                  device, cfg.precision, torch.get_num_threads(),
                  f"; rank {dist_info.rank} of {dist_info.world_size}, global batch "
                  f"{cfg.batch_size * dist_info.world_size}, lr {lr:g}" if dist_info.enabled else "")
-        if method.ctx.teacher is not None and ckpt is None and cfg.teacher_model:
+        if method.ctx.teacher is not None and ckpt is None:  # outside teachers and teacher=CHECKPOINT alike
             from .teachers import check_teacher
 
             check_teacher(method.ctx.teacher, splits, cfg, device, amp, cfg.eval_batch_size)
@@ -915,9 +912,7 @@ class Trainer:
     def _record_best_test(self, best: dict[str, Any]) -> None:
         """Write the best epoch's test accuracy into ``best.pt`` (after ``last.pt`` holds it too)."""
         path = self.run_dir / "best.pt"
-        from .checkpoint import _read
-
-        ckpt = _read(path, "cpu")
+        ckpt = read_checkpoint_file(path)
         if ckpt.get("epoch") != best["epoch"]:
             return
         ckpt["best"] = best
