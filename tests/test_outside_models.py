@@ -254,7 +254,7 @@ def test_teacher_key_refusals(tmp_path, teacher_file, teacher_run):
         (dict(method="kd", teacher=str(teacher_run.run_dir / "best.pt"), teacher_model="resnet20",
               teacher_weights=str(teacher_file)), "not both"),
         (dict(method="kd", teacher=str(teacher_run.run_dir / "best.pt"), teacher_weights=str(teacher_file)),
-         "go with teacher_model"),
+         "goes with teacher_model"),
         (dict(method="kd", teacher_model="resnet20"), "needs teacher_weights"),
         (dict(method="kd", teacher_model="resnet21", teacher_weights=str(teacher_file)), "'resnet20'"),
         (dict(method="baseline", teacher_model="resnet20", teacher_weights=str(teacher_file)),

@@ -6,7 +6,8 @@ widths scaled by ``width_mult``), a 1x1 conv-BN-ReLU to 1280 channels, global av
 linear layer. As in the reference, the first group (``t = 1``) still has its 1x1 expansion conv.
 
 Stages end at resolution changes; they are RepDistiller's features ``f1 .. f4``, and the final 1x1
-conv to 1280 channels is the head's ``pre``:
+conv to 1280 channels is the head's ``pre`` (the modules are RepDistiller's, under other names: its files
+are read through the key map of :mod:`fusionkd.models.community`):
 
 =====  ==========  ========  ======  ===============
 stage  groups      channels  stride  map at 32x32
@@ -86,6 +87,9 @@ class MobileNetV2(Backbone):
         super().__init__(num_classes, in_chans)
         if width_mult <= 0 or expand_ratio < 1:
             raise ValueError(f"need width_mult > 0 and expand_ratio >= 1, got {width_mult}, {expand_ratio}")
+        self.width_mult, self.expand_ratio = width_mult, expand_ratio
+        #: blocks of each of the seven inverted-residual groups (RepDistiller's ``blocks.0 .. blocks.6``)
+        self.group_sizes = [n for _, _, n, _ in _SETTING]
         in_channels = int(32 * width_mult)
         self.stem = conv_bn_relu(in_chans, in_channels, 3, stride=2)
         groups: list[list[nn.Module]] = []

@@ -1,4 +1,4 @@
-"""CIFAR VGGs with BatchNorm as in RepDistiller's ``vgg.py``: ``vgg8``, ``vgg11``, ``vgg13``, ``vgg16``.
+"""CIFAR VGGs with BatchNorm as in RepDistiller's ``vgg.py``: ``vgg8``, ``vgg11``, ``vgg13``, ``vgg16``, ``vgg19``.
 
 RepDistiller's network is five conv blocks ``block0 .. block4`` (3x3 conv with bias -> BN -> ReLU,
 repeated), a 2x2 max-pool after blocks 0, 1 and 2 (the pool after block 3 is only used for 64x64
@@ -20,6 +20,9 @@ stage  layers                       channels    map at 32x32
 Stage outputs are RepDistiller's features ``f0, f1, f2, f4`` (post-ReLU block outputs); ``f3`` is
 inside stage 3. The stem is the identity. Max-pools use ``ceil_mode=True`` so that odd sizes keep
 every pixel (28x28 gives 28/14/7/4), which is identical to floor mode on even sizes (32x32).
+
+The stages regroup RepDistiller's blocks, so its files (keys ``block0.0.weight`` ... ``classifier.weight``)
+are read through the key map of :mod:`fusionkd.models.community`, which uses ``config`` and ``batch_norm``.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ VGG_CONFIGS: dict[str, list[list[int]]] = {
     "vgg11": [[64], [128], [256, 256], [512, 512], [512, 512]],
     "vgg13": [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]],
     "vgg16": [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512]],
+    "vgg19": [[64, 64], [128, 128], [256, 256, 256, 256], [512, 512, 512, 512], [512, 512, 512, 512]],
 }
 
 
@@ -69,6 +73,8 @@ class VGG(Backbone):
         super().__init__(num_classes, in_chans)
         if len(config) != 5 or any(not block for block in config):
             raise ValueError(f"a VGG configuration has five non-empty blocks, got {config}")
+        self.config = [list(widths) for widths in config]
+        self.batch_norm = batch_norm
         blocks, in_channels = [], in_chans
         for widths in config:
             blocks.append(_conv_block(widths, in_channels, batch_norm))
@@ -109,3 +115,8 @@ def vgg13(num_classes: int = 10, in_chans: int = 3, batch_norm: bool = True) -> 
 @register_model("vgg16", "CIFAR VGG-16 with BN (4 stages 64/128/256/512, 14.77 M params at 100 classes)")
 def vgg16(num_classes: int = 10, in_chans: int = 3, batch_norm: bool = True) -> VGG:
     return VGG(VGG_CONFIGS["vgg16"], num_classes, in_chans, batch_norm)
+
+
+@register_model("vgg19", "CIFAR VGG-19 with BN (4 stages 64/128/256/512, 20.09 M params at 100 classes)")
+def vgg19(num_classes: int = 10, in_chans: int = 3, batch_norm: bool = True) -> VGG:
+    return VGG(VGG_CONFIGS["vgg19"], num_classes, in_chans, batch_norm)

@@ -2,14 +2,20 @@
 
 Accepted files (all read as data only):
 
-* a plain ``state_dict`` saved with ``torch.save`` (``.pth`` / ``.pt`` / ``.bin``): torchvision's and
-  timm's released weights, or ``torch.save(model.state_dict(), ...)``; read with ``weights_only=True``.
+* a plain ``state_dict`` saved with ``torch.save`` (``.pth`` / ``.pt`` / ``.bin`` / ``.pth.tar``):
+  torchvision's and timm's released weights, or ``torch.save(model.state_dict(), ...)``; read with
+  ``weights_only=True``.
   A dict that wraps the state dict under ``state_dict`` / ``model`` / ``model_state_dict`` / ``net`` is
   unwrapped, and a ``module.`` prefix that every key has (a ``DataParallel`` / DDP save) is stripped;
 * a ``.safetensors`` file (needs the ``safetensors`` package: ``pip install safetensors``);
 * a fusionkd checkpoint (``best.pt`` / ``last.pt`` / an exported ``.pt``): its deployed network.
 
-Two mismatches are resolved, and logged; every other one is a :class:`WeightsError` naming the keys:
+The keys are the network's own, or, for the CIFAR zoo, those of RepDistiller's / mdistiller's model code
+(the community's teacher files, e.g. ``resnet32x4_vanilla/ckpt_epoch_240.pth``): such a file is recognised,
+its keys are mapped by name with every shape checked, and the log says so (:mod:`fusionkd.models.community`).
+
+Two mismatches are resolved, and logged; every other one is a :class:`WeightsError` naming the keys (the
+network's body is checked before its classifier, so a file of another network is named as such):
 
 * **a classifier of another size** (ImageNet's 1000 classes into a 200-class network): the final linear
   layer (``model.classifier_key``) keeps its fresh initialisation (only when ``replace_classifier``);
@@ -31,8 +37,8 @@ from torch import nn
 
 log = logging.getLogger("fusionkd")
 
-#: file suffixes that ``weights=`` accepts
-WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+#: file name endings that ``weights=`` accepts (``.pth.tar``: PyTorch's ImageNet example and many papers' code)
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".pth.tar")
 _WRAPPERS = ("state_dict", "model", "model_state_dict", "net", "module")
 
 
@@ -167,6 +173,7 @@ def load_weights_file(model: nn.Module, path: str | Path, *, replace_classifier:
     Raises:
         WeightsError: unreadable file, or keys missing / unexpected / of another shape (named).
     """
+    from .community import NONE_OF_THEM, identify, read_layout, repdistiller_layout
     from .hook import HookBackbone
 
     state, kind, notes = read_state_dict(path)
@@ -175,6 +182,10 @@ def load_weights_file(model: nn.Module, path: str | Path, *, replace_classifier:
     if isinstance(model, HookBackbone):  # the file holds the wrapped module's own keys (``fc.weight``)
         model, head = model.module, model.head_name
     own = model.state_dict()
+    state, layout, note = read_layout(model, state, path, what)
+    if note:
+        notes.append(note)
+    file_keys = list(state)  # the file's keys (renamed to the network's), before anything is filled in
     report = WeightsReport(str(path), kind, 0, notes=tuple(notes))
     conv = _first_conv_key(model, own)
     if conv is not None and conv in state:
@@ -188,37 +199,49 @@ def load_weights_file(model: nn.Module, path: str | Path, *, replace_classifier:
                 report.adapted_first_conv = (f"{conv}: 1 -> {o.shape[1]} input channels (repeated, divided by "
                                              f"{o.shape[1]})")
     head_keys = [k for k in own if head is not None and k.startswith(head + ".")]
+    # the body first: a file of another network (or in an unknown layout) is refused naming its keys, whatever
+    # its classifier holds
+    missing = [k for k in own if k not in head_keys and k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in file_keys if k not in own]
+    shapes = [f"{k}: {tuple(state[k].shape)} in the file vs {tuple(own[k].shape)}" for k in own
+              if k not in head_keys and k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"missing {_show(missing)}" if missing else "",
+                 f"unexpected {_show(unexpected)}" if unexpected else "",
+                 f"shape mismatch {_show(shapes)}" if shapes else ""]
+        known = repdistiller_layout(model)
+        layouts = (f" Files are read in fusionkd's layout or in {known.source} / mdistiller's for this network "
+                   f"({known.network}: {known.sample()} ...)." if known is not None else "")
+        found = identify(state) or (NONE_OF_THEM if known is not None else "")
+        raise WeightsError(
+            f"the weights in {path} do not fit {what}: " + "; ".join(p for p in parts if p)
+            + f". The network's keys start with {_show(list(own)[:3])}; the file's with {_show(file_keys[:3])}."
+            + layouts + (" " + found if found else ""))
     if head_keys and any(k not in state or state[k].shape != own[k].shape for k in head_keys):
         file_shape = tuple(state[head_keys[0]].shape) if head_keys[0] in state else None
+        if layout is not None and file_shape is not None:
+            file_head = f"{head!r} ({layout.classifier!r} in {layout.source} layout)"
+        else:
+            file_head = repr(head)
         if replace_classifier:
             for k in head_keys:
                 state.pop(k, None)
             fresh = own[head_keys[0]].shape[0]
             theirs = f"the file's has shape {file_shape}" if file_shape else "the file has none"
             report.replaced_classifier = (
-                f"classifier {head!r} replaced: {theirs}, this network predicts {fresh} classes, so it keeps "
+                f"classifier {file_head} replaced: {theirs}, this network predicts {fresh} classes, so it keeps "
                 "its fresh initialisation")
             for k in head_keys:
                 state[k] = own[k]
         else:
+            theirs = f"the file's is {file_shape}" if file_shape else "the file has none"
             raise WeightsError(
-                f"the weights in {path} do not fit {what}: its classifier {head!r} has shape "
-                f"{tuple(own[head_keys[0]].shape)} ({own[head_keys[0]].shape[0]} classes) but the file's is "
-                f"{file_shape}; a teacher must be trained for this run's classes")
+                f"the weights in {path} do not fit {what}: its classifier {file_head} has shape "
+                f"{tuple(own[head_keys[0]].shape)} ({own[head_keys[0]].shape[0]} classes) but {theirs}; a teacher "
+                "must be trained for this run's classes")
     for k, v in own.items():  # files saved before BatchNorm counted its batches lack these; torch fills them too
         if k.endswith("num_batches_tracked") and k not in state:
             state[k] = v
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: {tuple(state[k].shape)} in the file vs {tuple(own[k].shape)}" for k in own
-              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = [f"missing {_show(missing)}" if missing else "",
-                 f"unexpected {_show(unexpected)}" if unexpected else "",
-                 f"shape mismatch {_show(shapes)}" if shapes else ""]
-        raise WeightsError(
-            f"the weights in {path} do not fit {what}: " + "; ".join(p for p in parts if p)
-            + f". The network's keys start with {_show(list(own)[:3])}; the file's with {_show(list(state)[:3])}")
     model.load_state_dict({k: v.to(own[k].dtype) if v.is_floating_point() else v for k, v in state.items()})
     report.loaded = len(state) - (len(head_keys) if report.replaced_classifier else 0)
     return report

@@ -8,9 +8,14 @@ Stage maps (the backbone contract of :mod:`fusionkd.models.base`): a stage's raw
 residual sum; the map offered to methods is ``relu(bn(sum))``, the BN-ReLU that opens the next stage's first
 block (``stages[i+1][0].bn1``) or the head's final BN-ReLU for the last stage. That is the per-stage
 ``relu(blockNbn(out))`` of the FRSKD authors' WRN, whose blocks moved exactly that BN out of the next block;
-here it stays where RepDistiller's layout has it (same keys), and is computed once and shared by the
-method and the network. ``forward_stages(x, raw=True)`` gives the raw sums (what RepDistiller's WRN
-returns with ``preact=False``).
+here it stays where RepDistiller's WRN has it (the same tensors in the same order, inside the next block),
+and is computed once and shared by the method and the network. ``forward_stages(x, raw=True)`` gives the
+raw sums (what RepDistiller's WRN returns with ``preact=False``).
+
+The modules are RepDistiller's, but not their names: RepDistiller's state dict says ``conv1``,
+``block1.layer.0.bn1``, ``convShortcut``, ``bn1`` and ``fc`` where this one says ``stem``,
+``stages.0.0.bn1``, ``shortcut``, ``head.pre.0`` and ``head.fc``. Its files are read through the key map
+of :mod:`fusionkd.models.community`.
 """
 
 from __future__ import annotations
@@ -101,6 +106,7 @@ class WideResNet(Backbone):
         if widen < 1:
             raise ValueError(f"WRN widen factor must be >= 1, got {widen}")
         n = (depth - 4) // 6
+        self.depth, self.widen = depth, widen
         widths = [16 * widen, 32 * widen, 64 * widen]
         self.stem = conv3x3(in_chans, 16)
         stages, in_planes = [], 16
