@@ -3,16 +3,31 @@
 ``fusionkd train`` accepts every config option both as ``--flag value`` (generated from the schema, so
 the CLI and the YAML files can never disagree) and as trailing ``key=value`` overrides, including nested
 ones (``augment.flip=false``, ``options.peers=3``).
+
+**Stops.** Ctrl-C, ``SIGTERM`` and ``SIGHUP`` (what batch schedulers send on preemption or at the time
+limit, and what a closed terminal sends) take the same path: :func:`main` turns the two signals into a
+:class:`StopSignal` (a ``KeyboardInterrupt``) raised in the main thread, so the run keeps its last finished
+epoch in ``last.pt``, its trackers end (MLflow: ``KILLED``), the run folder's lock is released and one
+message says how to resume. Exit codes: 130 for Ctrl-C, 128 + the signal's number for a signal (143 for
+``SIGTERM``, 129 for ``SIGHUP``), as a shell reports a process killed by it. A signal that was ignored when
+the command started (``nohup`` ignores ``SIGHUP``) stays ignored; a second signal during the stop is ignored,
+so that the stop can finish (``SIGKILL`` still ends the process at once).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
+import os
+import signal
 import sys
+import threading
 import typing
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from .engine.config import Config, ConfigError
@@ -20,6 +35,107 @@ from .engine.config import Config, ConfigError
 log = logging.getLogger("fusionkd")
 
 _SKIP_FLAGS = {"options", "augment", "dataset_options"}
+#: signals that stop a command as Ctrl-C does (batch schedulers' preemption, a closed terminal)
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+class StopSignal(KeyboardInterrupt):
+    """A stop signal (``SIGTERM``, ``SIGHUP``) raised in the main thread, so that it takes Ctrl-C's path."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+#: code during which a stop is held back until it returns (checkpoint files are written there: an exception
+#: raised inside ``torch.save``'s writer turns into a RuntimeError that hides the stop)
+_CRITICAL_FILES = (os.path.join("fusionkd", "engine", "checkpoint.py"), os.path.join("torch", "serialization.py"))
+#: seconds between checks whether a held-back stop may be raised now
+_RETRY_S = 0.05
+
+
+def _in_critical_write(frame: Any) -> bool:
+    """Whether the interrupted main thread is writing (or reading) a checkpoint (see :data:`_CRITICAL_FILES`)."""
+    while frame is not None:
+        if frame.f_code.co_filename.endswith(_CRITICAL_FILES):
+            return True
+        frame = frame.f_back
+    return False
+
+
+@contextlib.contextmanager
+def stop_signals_as_interrupts() -> Iterator[list[int]]:
+    """While in the block, ``SIGTERM``/``SIGHUP`` raise :class:`StopSignal` in the main thread; yields the
+    list of those signals received. The first one raises; later ones are ignored so that the stop can
+    finish. Ctrl-C (``SIGINT``) raises ``KeyboardInterrupt`` as Python's own handler does.
+
+    A stop is never raised in the middle of a write that it would spoil: while a checkpoint is being written
+    it is held back and raised right after (checked every :data:`_RETRY_S` s), and while a tracker writes to
+    its store (:func:`~fusionkd.engine.trackers.deferred_stops`) it is raised at the end of that write.
+    Signals ignored on entry (``nohup``) stay ignored; handlers are restored on exit. Outside the main thread
+    (where Python cannot set handlers) it does nothing.
+    """
+    import _thread
+
+    from .engine.trackers import defer_stop
+
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    state: dict[str, Any] = {"pending": None, "timer": None, "closed": False}
+
+    def retry(signum: int) -> None:  # (timer thread) deliver the signal again: the handler checks again
+        state["timer"] = None
+        if not state["closed"]:
+            _thread.interrupt_main(signum)
+
+    def handler(signum: int, frame: Any) -> None:
+        if state["pending"] is None:
+            if signum == signal.SIGINT:
+                state["pending"] = KeyboardInterrupt()
+            elif received:
+                return  # a second stop signal while stopping: let the stop finish
+            else:
+                received.append(signum)
+                state["pending"] = StopSignal(signum)
+        stop = state["pending"]
+        if _in_critical_write(frame):
+            if state["timer"] is None:
+                state["timer"] = threading.Timer(_RETRY_S, retry, args=(signum,))
+                state["timer"].daemon = True
+                state["timer"].start()
+            return
+        state["pending"] = None
+        if not defer_stop(stop):  # inside a tracker's write, it raises the stop when the write ends
+            raise stop
+
+    previous = {}
+    for sig in (signal.SIGINT, *STOP_SIGNALS):
+        current = signal.getsignal(sig)
+        if current is signal.SIG_IGN or (sig == signal.SIGINT and current is not signal.default_int_handler):
+            continue  # ignored (nohup), or Ctrl-C handled by someone else (a host program): left alone
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        yield received
+    finally:
+        state["closed"] = True
+        if state["timer"] is not None:
+            state["timer"].cancel()
+        for sig, old in previous.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
+def _stop_message(e: KeyboardInterrupt) -> str:
+    """What a stopped ``train`` says: what is kept and the command that continues it."""
+    how = f"stopped by {signal.Signals(e.signum).name}" if isinstance(e, StopSignal) else "interrupted"
+    run_dir = getattr(e, "run_dir", None)
+    if run_dir is None:
+        return f"{how}; the last finished epoch is in last.pt (resume with --resume RUN_DIR)"
+    if (Path(run_dir) / "last.pt").is_file():
+        return f"{how}; the last finished epoch is in {Path(run_dir) / 'last.pt'}: resume with `fusionkd train " \
+               f"--resume {run_dir}`"
+    return f"{how} before the first epoch finished; `fusionkd train --resume {run_dir}` starts it again"
 
 
 def _schema_flags(parser: argparse.ArgumentParser) -> list[str]:
@@ -96,19 +212,29 @@ def cmd_train(args: argparse.Namespace, names: list[str]) -> int:
     from .engine.config import resolve_config
 
     flags = _collect_overrides(args, names)
-    if args.resume:
-        kv = dict(_kv(o) for o in args.overrides)
-        result = api.resume(args.resume, stop_after=args.stop_after, **{**flags, **kv})
-    else:
-        cfg = resolve_config(flags, config_file=args.config, overrides=args.overrides)
-        if args.print_config:
-            print(_resolved_yaml(cfg), end="")
-            return 0
-        from .engine.trainer import Trainer
+    run_dir: Path | None = None
+    try:
+        if args.resume:
+            from .plugins import importing_for
 
-        trainer = Trainer(cfg, overwrite=args.overwrite)
-        trainer.stop_after = args.stop_after
-        result = trainer.fit()
+            run_dir = Path(args.resume)
+            kv = dict(_kv(o) for o in args.overrides)
+            with importing_for(f"resuming {args.resume}"):  # its plug-in files are named before they run
+                result = api.resume(args.resume, stop_after=args.stop_after, **{**flags, **kv})
+        else:
+            cfg = resolve_config(flags, config_file=args.config, overrides=args.overrides)
+            if args.print_config:
+                print(_resolved_yaml(cfg), end="")
+                return 0
+            from .engine.trainer import Trainer
+
+            trainer = Trainer(cfg, overwrite=args.overwrite)
+            run_dir = trainer.run_dir
+            trainer.stop_after = args.stop_after
+            result = trainer.fit()
+    except KeyboardInterrupt as e:
+        e.run_dir = run_dir  # type: ignore[attr-defined]  # for the message of main()
+        raise
     if result.summary.get("finished"):
         print(_result_table(result.summary))
     # a stop after --stop-after was already said once, by the trainer's log line
@@ -264,6 +390,16 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*(args.overrides or []), *extra]
     _setup_logging(args.verbose)
+    with stop_signals_as_interrupts() as received:
+        code = _dispatch(args, names)
+    if received and code == 130:  # a command that caught the stop itself (compare, tune, demo) said 130
+        code = 128 + received[0]
+    return code
+
+
+def _dispatch(args: argparse.Namespace, names: list[str]) -> int:
+    """Run the subcommand; a refusal is one line and exit code 2, a stop (Ctrl-C, SIGTERM, SIGHUP) a
+    message saying how to continue and exit code 130 (Ctrl-C) or 128 + the signal's number."""
     from .data import DataFormatError, DatasetNotFoundError, DownloadError
     from .engine.checkpoint import CheckpointError, StorageError
     from .engine.trainer import NonFiniteLossError
@@ -285,9 +421,9 @@ def main(argv: list[str] | None = None) -> int:
             DownloadError, StorageError, ValueError, FileNotFoundError, PermissionError) as e:
         print(f"fusionkd {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted; the last finished epoch is in last.pt (resume with --resume RUN_DIR)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print("\n" + _stop_message(e), file=sys.stderr)
+        return 128 + e.signum if isinstance(e, StopSignal) else 130
 
 
 if __name__ == "__main__":

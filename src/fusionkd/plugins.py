@@ -12,18 +12,26 @@
 
 Every registry entry records where it came from (``extras["source"]``): ``fusionkd``, ``entry point
 <distribution> <version> (<module:object>)`` or ``file <path>``; ``fusionkd list`` shows it. A plug-in that
-fails to import is reported by ``fusionkd list`` and in the log, and never breaks the built-in names.
+fails to import is reported by ``fusionkd list`` and in the log, and never breaks the built-in names. One
+that calls ``sys.exit`` (raises ``SystemExit``) while being imported is such a failure too, named as such
+(a local file: :class:`PluginError`, exit code 2 in the CLI); a ``KeyboardInterrupt`` (Ctrl-C during the
+import) passes through.
+
+A run folder names its plug-in files in ``config.yaml``, and ``--resume`` imports them again: resuming a
+folder made by someone else runs their code. Within :func:`importing_for` (``fusionkd train --resume``)
+each file's absolute path is logged *before* it is imported (``resuming RUN imports plug-in code from PATH``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import inspect
 import logging
 import sys
 import types
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +44,8 @@ GROUPS = ("fusionkd.methods", "fusionkd.models", "fusionkd.datasets")
 ERRORS: list[tuple[str, str, str]] = []
 _loaded_entry_points = False
 _loaded_files: dict[str, types.ModuleType] = {}
+#: set by :func:`importing_for`: why plug-in files are being imported now (announced before each import)
+_purpose: str | None = None
 
 
 class PluginError(ConfigError):
@@ -87,6 +97,23 @@ def _register_object(group: str, name: str, obj: Any) -> None:
                           "@register_dataset (a dataset needs its in_chans/image_size/num_classes)")
 
 
+@contextlib.contextmanager
+def importing_for(purpose: str) -> Iterator[None]:
+    """Within this block, :func:`load_files` logs ``"<purpose> imports plug-in code from PATH"`` (a warning)
+    before it imports each file, e.g. ``importing_for("resuming runs/x")``: the person resuming someone
+    else's run folder sees whose code runs before it does."""
+    global _purpose
+    previous, _purpose = _purpose, purpose
+    try:
+        yield
+    finally:
+        _purpose = previous
+
+
+def _exit_text(e: SystemExit) -> str:
+    return f"called sys.exit({e.code!r}) while being imported (a plug-in must only define and register)"
+
+
 def load_entry_points(force: bool = False) -> None:
     """Import every ``fusionkd.*`` entry point of the installed distributions (once)."""
     global _loaded_entry_points
@@ -102,7 +129,10 @@ def load_entry_points(force: bool = False) -> None:
             source = f"entry point {dist.name} {dist.version} ({ep.value})" if dist else f"entry point ({ep.value})"
             before = _snapshot()
             try:
-                obj = ep.load()
+                try:
+                    obj = ep.load()
+                except SystemExit as e:  # not an Exception, but as broken: reported, never the end of fusionkd
+                    raise PluginError(_exit_text(e)) from None
                 if not isinstance(obj, types.ModuleType):
                     _register_object(group, ep.name, obj)
             except Exception as e:  # noqa: BLE001 - a broken plug-in must not break fusionkd
@@ -116,7 +146,8 @@ def load_entry_points(force: bool = False) -> None:
 def load_files(paths: Iterable[str | Path]) -> list[str]:
     """Import local plug-in files (each once per process); returns their absolute paths.
 
-    Raises PluginError for a missing file, one that is not ``.py``, or one that fails to import.
+    Raises PluginError for a missing file, one that is not ``.py``, or one that fails to import (an
+    exception, or ``sys.exit`` called at import); a ``KeyboardInterrupt`` passes through.
     """
     out = []
     for p in paths:
@@ -133,12 +164,23 @@ def load_files(paths: Iterable[str | Path]) -> list[str]:
         name = f"fusionkd_plugin_{path.stem}_{abs(hash(key)) % 10**8}"
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
+        if _purpose is not None:
+            log.warning("%s imports plug-in code from %s (it runs with your rights: resume only run folders "
+                        "you trust)", _purpose, key)
+        else:
+            log.debug("importing plug-in code from %s", key)
         sys.modules[name] = module
         try:
             spec.loader.exec_module(module)
+        except SystemExit as e:  # sys.exit() at import: a failure like any other, not the end of the command
+            sys.modules.pop(name, None)
+            raise PluginError(f"plug-in {key} failed to import: it {_exit_text(e)}") from None
         except Exception as e:
-            del sys.modules[name]
+            sys.modules.pop(name, None)
             raise PluginError(f"plug-in {key} failed to import: {type(e).__name__}: {e}") from e
+        except BaseException:  # KeyboardInterrupt: passes through, leaving no half-imported module behind
+            sys.modules.pop(name, None)
+            raise
         _loaded_files[key] = module
         new = _mark_new(before, f"file {key}")
         if not new:

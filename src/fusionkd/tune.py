@@ -14,6 +14,11 @@ train --config``) and ``OUT/best-compare.yaml`` (for ``fusionkd compare --config
 and ``--confirm-seeds`` trains the best settings, the method's defaults and the baseline on several seeds
 (through ``compare``) and writes ``OUT/tune.md``. Optuna is the ``tune`` extra (``pip install
 'fusionkd[tune]'``). See docs/tune.md.
+
+A study folder is deliberately *not* locked as a whole (several processes may share one study); each trial's
+run folder is locked by the trainer, and the confirmation's ``compare`` output folders are locked by
+:func:`~fusionkd.compare.grid.compare`: a second worker reaching the confirmation waits for the first one's
+``compare`` to finish and then finds its runs finished (kept, not retrained).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from typing import Any
 import yaml
 
 from .engine.config import Config, ConfigError, deep_merge, load_yaml, nest, parse_override, resolve_config
-from .engine.trackers import Callback
+from .engine.trackers import Callback, deferred_stops
 
 log = logging.getLogger("fusionkd")
 
@@ -269,11 +274,14 @@ class PruningCallback(Callback):
         val = (metrics.get("val") or {}).get(metrics.get("deploy_head"))
         if val is None:
             return
-        self.trial.report(float(val), int(metrics["epoch"]))
-        if self.trial.should_prune():
+        with deferred_stops():  # a Ctrl-C/SIGTERM during the storage write takes effect after it
+            self.trial.report(float(val), int(metrics["epoch"]))
+            prune = self.trial.should_prune()
+        if prune:
             self.pruned_at = int(metrics["epoch"])
-            self.trial.set_user_attr("pruned_at_epoch", self.pruned_at)
-            self.trial.set_user_attr("last_val", float(val))
+            with deferred_stops():
+                self.trial.set_user_attr("pruned_at_epoch", self.pruned_at)
+                self.trial.set_user_attr("last_val", float(val))
             raise _optuna().TrialPruned(f"pruned at epoch {self.pruned_at} (val {val:.2f})")
 
 
@@ -522,13 +530,13 @@ def confirm(spec: TuneSpec, study, report: Report | None = None) -> dict[str, An
                         common={k: v for k, v in spec.confirm_options.items()},
                         workers=spec.confirm_workers, threads=threads, title="Confirmation of the tuned settings",
                         command=(spec.command or "fusionkd tune") + "  # --confirm-seeds, tuned settings")
-    compare(tuned, report=report)
+    compare(tuned, report=report, wait=True)  # another worker of the study may be confirming it
     defaults = CompareSpec(methods=[spec.method], models=[_model(spec)], seeds=list(spec.confirm_seeds),
                            out=spec.out / "confirm-defaults", common=common, config_file=spec.config_file,
                            workers=spec.confirm_workers, threads=threads,
                            title="Confirmation: the method's default settings",
                            command=(spec.command or "fusionkd tune") + "  # --confirm-seeds, defaults")
-    compare(defaults, report=report)
+    compare(defaults, report=report, wait=True)  # another worker of the study may be confirming it
     arms = {"baseline": ("confirm", "baseline"), f"{spec.method} (defaults)": ("confirm-defaults", spec.method),
             f"{spec.method} (tuned)": ("confirm", spec.method)}
     if spec.method == "baseline":

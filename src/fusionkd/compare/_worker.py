@@ -2,6 +2,8 @@
 
 ``python -m fusionkd.compare._worker run TASK.json RESULT.json``: train or resume the run described in
 ``TASK.json`` (written by :class:`fusionkd.compare.grid.GridRunner`) and write its result to ``RESULT.json``.
+``SIGTERM`` (what the parent sends when it is stopped) and ``SIGHUP`` stop the run as Ctrl-C does: its last
+finished epoch stays in ``last.pt``, its trackers end, and the process exits with 128 + the signal's number.
 
 ``python -m fusionkd.compare._worker bench JOB_JSON``: measure one method × model in this fresh process
 (:func:`fusionkd.compare.bench.measure`) and write the result as one JSON line on stdout.
@@ -19,11 +21,18 @@ from pathlib import Path
 def main(argv: list[str]) -> int:
     if len(argv) == 3 and argv[0] == "run":
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+        from ..cli import StopSignal, stop_signals_as_interrupts
         from .grid import execute
 
         task = json.loads(Path(argv[1]).read_text())
-        res = execute(task["config"], task["action"], task["threads"], task.get("device"), task.get("progress"),
-                      task.get("status_file"))
+        with stop_signals_as_interrupts():
+            try:
+                res = execute(task["config"], task["action"], task["threads"], task.get("device"),
+                              task.get("progress"), task.get("status_file"))
+            except KeyboardInterrupt as e:
+                how = f"stopped by {e}" if isinstance(e, StopSignal) else "interrupted"
+                print(f"{how}; the run's last finished epoch is in its last.pt", file=sys.stderr, flush=True)
+                return 128 + e.signum if isinstance(e, StopSignal) else 130
         tmp = Path(argv[2] + ".tmp")
         tmp.write_text(json.dumps(res, default=str))
         os.replace(tmp, argv[2])

@@ -14,11 +14,14 @@
   methods never get a teacher.
 
 The output folder belongs to one ``compare`` at a time (two concurrent commands on one folder would train
-the same runs twice).
+the same runs twice): :func:`compare` holds an OS-level lock on ``OUT/.lock`` (:func:`lock_output`, the
+:class:`~fusionkd.engine.rundir.RunLock` of run folders) from before it looks at any run folder until its
+report is written, and a second ``compare`` on the folder is refused at once, with the holder named.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -44,6 +47,7 @@ from ..engine.config import (
     resolve_config,
     validate,
 )
+from ..engine.rundir import LOCK_NAME, RunLock, RunLockedError, is_marked
 from ..methods import METHODS
 from ..models import MODELS
 from ..registry import UnknownNameError
@@ -309,8 +313,10 @@ def plan(spec: CompareSpec) -> tuple[Task | None, list[Task]]:
         if key in common:
             raise ConfigError(f"{key}= cannot be a common option of a comparison: {hint}")
     teacher_path = common.pop("teacher", None)
-    # a teacher from outside fusionkd (teacher_model=NAME teacher_weights=FILE) goes to the offline runs only
-    outside = {k: common.pop(k) for k in ("teacher_model", "teacher_weights", "teacher_min_accuracy") if k in common}
+    # a teacher from outside fusionkd (teacher_model=NAME teacher_weights=FILE) goes to the offline runs only, and
+    # so does the teacher check's threshold (whichever the teacher; it is not a teacher of its own)
+    outside = {k: common.pop(k) for k in ("teacher_model", "teacher_weights") if k in common}
+    teacher_check = {k: common.pop(k) for k in ("teacher_min_accuracy",) if k in common}
     if outside.get("teacher_weights"):
         outside["teacher_weights"] = str(Path(outside["teacher_weights"]).resolve())
     offline = [m for m in spec.methods if METHODS.get(m).needs_teacher]
@@ -354,6 +360,7 @@ def plan(spec: CompareSpec) -> tuple[Task | None, list[Task]]:
         if needs:
             layer["teacher"] = str(Path(teacher_path).resolve()) if teacher_path else None
             layer.update(outside)
+            layer.update(teacher_check)
         cfg = resolve_config(from_file, common, per_method.get(method, {}), layer)
         label = f"[{i}/{len(grid)}] {method} {model} seed {seed}"
         tasks.append(Task(label, cfg, method, model, seed, index=i, needs_teacher=needs))
@@ -380,7 +387,8 @@ def execute(config: dict[str, Any], action: str, threads: int, device: str | Non
     :mod:`fusionkd.compare.live`).
 
     Returns ``{"ok": True, "summary": ...}`` or ``{"ok": False, "error": "..."}`` (the traceback is written
-    to ``error.log`` in the run folder).
+    to ``error.log`` in the run folder when that folder is one fusionkd made, i.e. carries its marker: a
+    folder refused because it is not fusionkd's, or never made, gets nothing written into it).
     """
     from ..engine.trainer import Trainer
 
@@ -405,8 +413,9 @@ def execute(config: dict[str, Any], action: str, threads: int, device: str | Non
         (cfg.run_dir / "error.log").unlink(missing_ok=True)
         return {"ok": True, "summary": result.summary}
     except Exception as e:  # a failed run is reported and the comparison goes on
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        (cfg.run_dir / "error.log").write_text(traceback.format_exc())
+        if is_marked(cfg.run_dir):
+            with contextlib.suppress(OSError):
+                (cfg.run_dir / "error.log").write_text(traceback.format_exc())
         return {"ok": False, "error": f"{type(e).__name__}: {e}", "type": type(e).__name__}
 
 
@@ -605,6 +614,52 @@ class GridRunner:
         return self.total_runs - self.finished - failed
 
 
+class CompareLockedError(RunLockedError):
+    """Another live ``compare`` holds the output folder; the message names it (a ConfigError: exit code 2)."""
+
+
+def _holder(out: Path) -> str:
+    """Who holds ``out``'s lock, from the lock file (PID, host, start time, command)."""
+    try:
+        info = json.loads((out / LOCK_NAME).read_text() or "{}")
+    except (OSError, ValueError):
+        info = {}
+    if not isinstance(info, dict) or not info.get("pid"):
+        return "another process"
+    return (f"PID {info.get('pid')} on {info.get('host')}, started {info.get('started')}"
+            + (f": {info['command']}" if info.get("command") else ""))
+
+
+def lock_output(out: Path, wait: bool = False, report: Report | None = None, poll_s: float = 2.0) -> RunLock:
+    """Take the output folder's lock (creating the folder), so that one ``compare`` at a time uses it.
+
+    Args:
+        out: the comparison's output folder.
+        wait: when another process holds it, wait for it to finish (``fusionkd tune``'s workers confirming
+            one study) instead of refusing.
+        report: told once that this process waits (with ``wait``).
+        poll_s: seconds between attempts while waiting.
+
+    Raises:
+        CompareLockedError: another live process holds the folder (and ``wait`` is False).
+    """
+    told = False
+    while True:
+        try:
+            return RunLock(out)
+        except RunLockedError:
+            who = _holder(out)
+            if not wait:
+                raise CompareLockedError(
+                    f"output folder {str(out)!r} is in use by another fusionkd compare ({who}). One output "
+                    "folder belongs to one compare at a time (two would train the same runs twice): wait for "
+                    "it to finish, stop it, or choose another --out") from None
+            if not told and report is not None:
+                report(f"{out} is in use by another process ({who}); waiting for it to finish")
+                told = True
+            time.sleep(poll_s)
+
+
 @dataclass
 class CompareResult:
     """What :func:`compare` returns."""
@@ -615,16 +670,46 @@ class CompareResult:
     report: ReportFiles
 
 
-def compare(spec: CompareSpec, report: Report | None = None) -> CompareResult:
+def compare(spec: CompareSpec, report: Report | None = None, wait: bool = False) -> CompareResult:
     """Run (or finish) the comparison grid of ``spec`` and write ``results.csv``, ``report.md`` and plots.
 
     Args:
         spec: what to compare (methods × models × seeds, common options, workers, teacher).
         report: called with each progress line (default: the ``fusionkd`` logger at INFO level).
+        wait: when another process holds ``spec.out``, wait for it instead of refusing.
+
+    Raises:
+        CompareLockedError: another ``compare`` uses ``spec.out`` now (nothing was read or trained).
+        ConfigError: bad options, a missing teacher, or runs stored with other settings.
     """
     say = report or log.info
-    teacher, tasks = plan(spec)
-    spec.out.mkdir(parents=True, exist_ok=True)
+    made = [d for d in [spec.out, *spec.out.parents] if not d.exists()]  # what taking the lock creates
+    lock = lock_output(spec.out, wait=wait, report=say)
+    try:
+        try:
+            teacher, tasks = plan(spec)
+        except BaseException:
+            _undo_folders(spec.out, made)  # a refused command leaves no folder it made behind
+            raise
+        return _run_locked(spec, say, teacher, tasks)
+    finally:
+        lock.release()
+
+
+def _undo_folders(out: Path, made: list[Path]) -> None:
+    """Remove the lock file and the folders that :func:`lock_output` made (innermost first), when ``out``
+    holds nothing else (call it holding the lock)."""
+    if not made or {p.name for p in out.iterdir()} - {LOCK_NAME}:
+        return
+    with contextlib.suppress(OSError):
+        (out / LOCK_NAME).unlink()
+    for d in made:
+        with contextlib.suppress(OSError):
+            d.rmdir()  # only an empty folder
+
+
+def _run_locked(spec: CompareSpec, say: Report, teacher: Task | None, tasks: list[Task]) -> CompareResult:
+    """:func:`compare` once it holds the output folder and has its plan."""
     manifest = {"command": spec.command, "methods": spec.methods, "models": spec.models, "seeds": spec.seeds,
                 "common": spec.common, "method_options": spec.method_options,
                 "teacher_model": spec.teacher_model, "teacher_epochs": spec.teacher_epochs,

@@ -5,9 +5,12 @@ The alternative to ``teacher=CHECKPOINT`` for every offline method (kd, fitnet, 
 * ``teacher_model`` is a zoo name (``imagenet_resnet50``, ``resnet56`` ...) or, from the Python API, a
   network object (registered by :func:`fusionkd.models.register_module`);
 * ``teacher_weights`` is a weights file (torchvision / timm ``.pth``, ``.safetensors``, a fusionkd
-  checkpoint; see :func:`fusionkd.models.load_weights_file`), required for a zoo name and optional for an
-  object (which already holds its weights). Its classifier must predict this run's classes: nothing is
-  replaced in a teacher.
+  checkpoint; for the CIFAR zoo also RepDistiller's / mdistiller's teacher files such as
+  ``resnet32x4_vanilla/ckpt_epoch_240.pth``, whose keys are mapped by name, see
+  :mod:`fusionkd.models.community`; see :func:`fusionkd.models.load_weights_file`), required for a zoo name
+  and optional for an object (which already holds its weights). The file's keys are checked before its
+  classifier, so a file of another network is refused naming its keys. Its classifier must predict this
+  run's classes: nothing is replaced in a teacher.
 
 Such a teacher carries no record of the data it was trained on, so before the student trains it is
 evaluated on the validation split (the training images when there is none) and its accuracy is logged

@@ -16,6 +16,10 @@ and runs them in one of two ways:
   copied back to each peer, so both ways give the same logits, gradients and statistics (tested). On CPU
   the sequential way is faster (``benchmarks/online_peers.py``, numbers in ``docs/methods/online.md``),
   hence the default; heterogeneous peers always run sequentially.
+
+Every online method trains between :data:`MIN_PEERS` and :data:`MAX_PEERS` networks (``options.peers`` of
+``dml``/``ffl``, ``options.branches`` of ``one``/``ffl_s``, ``options.students`` of ``mfef``, or the length of
+``models=[...]``); :func:`check_peer_count` refuses other counts with the accepted range.
 """
 
 from __future__ import annotations
@@ -32,13 +36,38 @@ from torch.func import functional_call, vmap
 from ..models import Backbone, is_staged
 from .base import MethodContext
 
+#: fewest networks an online method trains side by side (mutual learning needs two)
+MIN_PEERS = 2
+#: most networks an online method trains side by side. The papers use 2 to 5; every one more adds a whole
+#: network's parameters, memory and time (1000 resnet20-sized peers would be 277 M extra parameters)
+MAX_PEERS = 16
+
+
+def check_peer_count(value: int | None, option: str = "peers") -> None:
+    """Refuse a peer count (``options.<option>``) outside ``[MIN_PEERS, MAX_PEERS]``; None (the default
+    count) passes.
+
+    Raises:
+        ValueError: naming the option, the value and the accepted range.
+    """
+    if value is None:
+        return
+    accepted = f"accepted: {MIN_PEERS} to {MAX_PEERS} networks trained side by side"
+    if value < MIN_PEERS:
+        raise ValueError(f"{option} must be at least {MIN_PEERS}, got {value} ({accepted})")
+    if value > MAX_PEERS:
+        raise ValueError(f"{option} must be at most {MAX_PEERS}, got {value} ({accepted}; each one more adds a "
+                         "whole network's parameters, memory and time)")
+
 
 def resolve_peer_names(ctx: MethodContext, count: int | None, option: str = "peers") -> list[str]:
     """Zoo names of the peers: ``ctx.models`` when given, else ``count`` (default 2) copies of ``ctx.model``.
 
     Raises:
-        ValueError: fewer than two peers, or ``count`` disagrees with ``len(ctx.models)``.
+        ValueError: fewer than :data:`MIN_PEERS` or more than :data:`MAX_PEERS` peers, or ``count`` disagrees
+            with ``len(ctx.models)``.
     """
+    check_peer_count(count, f"options.{option}")
     if ctx.models:
         if count is not None and count != len(ctx.models):
             raise ValueError(
@@ -49,8 +78,11 @@ def resolve_peer_names(ctx: MethodContext, count: int | None, option: str = "pee
         names = list(ctx.models)
     else:
         names = [ctx.model] * (2 if count is None else count)
-    if len(names) < 2:
-        raise ValueError(f"online distillation needs at least 2 networks, got {len(names)} ({names})")
+    if len(names) < MIN_PEERS:
+        raise ValueError(f"online distillation needs at least {MIN_PEERS} networks, got {len(names)} ({names})")
+    if len(names) > MAX_PEERS:
+        raise ValueError(f"online distillation trains at most {MAX_PEERS} networks, got {len(names)} in models= "
+                         f"(accepted: {MIN_PEERS} to {MAX_PEERS})")
     return names
 
 

@@ -7,6 +7,16 @@ rank 0), and anyone can hand their own :class:`Callback` objects to ``Trainer.ca
 
 from __future__ import annotations
 
-from .base import TRACKERS, Callback, TrackerError, build_trackers, check_tracker, flat_metrics
+from .base import (
+    TRACKERS,
+    Callback,
+    TrackerError,
+    build_trackers,
+    check_tracker,
+    defer_stop,
+    deferred_stops,
+    flat_metrics,
+)
 
-__all__ = ["TRACKERS", "Callback", "TrackerError", "build_trackers", "check_tracker", "flat_metrics"]
+__all__ = ["TRACKERS", "Callback", "TrackerError", "build_trackers", "check_tracker", "defer_stop", "deferred_stops",
+           "flat_metrics"]

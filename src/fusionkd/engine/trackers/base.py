@@ -3,8 +3,10 @@ four moments a tracker or a tuner needs) and the tracker registry."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,36 @@ class Callback:
 
     def on_run_end(self, summary: dict[str, Any] | None, run_dir: Path, error: BaseException | None) -> None:
         """``summary`` is None when the run stopped before its last epoch."""
+
+
+_shield = threading.local()
+
+
+@contextlib.contextmanager
+def deferred_stops() -> Iterator[None]:
+    """Let a tracker's store I/O run to its end: a stop (Ctrl-C, ``SIGTERM``, ``SIGHUP``) whose handler calls
+    :func:`defer_stop` (``fusionkd.cli``'s do) while the block runs is raised when the block ends, not in the
+    middle of a database transaction, which would leave the store locked and the tracked run ``RUNNING``."""
+    _shield.depth = getattr(_shield, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _shield.depth -= 1
+        pending = getattr(_shield, "pending", None)
+        if _shield.depth == 0 and pending is not None:
+            _shield.pending = None
+            raise pending
+
+
+def defer_stop(stop: BaseException) -> bool:
+    """Called by a signal handler (in the main thread) with the exception it would raise: inside
+    :func:`deferred_stops`, keep it to be raised at the block's end and return True; else return False (the
+    handler raises it now)."""
+    if getattr(_shield, "depth", 0) > 0:
+        if getattr(_shield, "pending", None) is None:
+            _shield.pending = stop
+        return True
+    return False
 
 
 def flat_metrics(m: dict[str, Any]) -> dict[str, float]:

@@ -11,6 +11,13 @@ Logged: every config option as a parameter (dotted names, e.g. ``options.alpha``
 sqlite store in ``<db folder>/mlartifacts/<experiment>``) plus
 the summary's best/last deploy-head accuracies as metrics. A resumed run continues the same MLflow run
 (its id is kept in ``RUN_DIR/mlflow_run.json``). Only rank 0 logs.
+
+Before anything is created, :func:`preflight` checks that the store answers, within
+:data:`PREFLIGHT_TIMEOUT_S` seconds: an ``http(s)://`` server must answer an HTTP request (MLflow's own client
+would retry an unreachable or failing server with growing back-off for minutes), a ``sqlite:///`` database
+must be creatable and writable (MLflow would retry "unable to open database file" the same way), a database
+server (``postgresql://``, ``mysql://``) must accept a connection. A store that fails is refused with a
+:class:`~.base.TrackerError` naming the URI and the reason.
 """
 
 from __future__ import annotations
@@ -18,15 +25,21 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import socket
+import sqlite3
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 from ..checkpoint import atomic_write_text
-from .base import Callback, TrackerError, flat_metrics
+from .base import Callback, TrackerError, deferred_stops, flat_metrics
 
 #: MLflow rejects longer parameter values
 _MAX_PARAM = 6000
+#: seconds :func:`preflight` waits for the tracking store to answer (connect, and again for the answer)
+PREFLIGHT_TIMEOUT_S = 5.0
+_DB_PORTS = {"postgresql": 5432, "mysql": 3306}
 
 
 def _artifact_root(uri: str, experiment: str) -> str | None:
@@ -63,6 +76,95 @@ def check(cfg: Any) -> None:
                 raise TrackerError(f"tracker_uri={uri!r}: the folder {parent} is not writable")
 
 
+def _sqlite_path(uri: str) -> str | None:
+    """The database file of a ``sqlite:///PATH`` URI (None for an in-memory database)."""
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return None if not path or path == ":memory:" else path
+
+
+def _refuse(uri: str, why: str, hint: str) -> TrackerError:
+    return TrackerError(f"tracker mlflow could not start: tracker_uri={uri!r}: {why}; {hint} (checked before "
+                        "training)")
+
+
+def _check_sqlite(uri: str, timeout: float) -> None:
+    path = _sqlite_path(uri)
+    if path is None:
+        return
+    db = Path(path).expanduser()
+    hint = "choose a database file in a folder you can write, e.g. sqlite:///runs/mlflow.db"
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        blocker = next((a for a in [db.parent, *db.parent.parents] if a.exists()), None)
+        why = (f"its folder {str(db.parent)!r} cannot be created: {str(blocker)!r} is a file, not a folder"
+               if blocker is not None and not blocker.is_dir() else
+               f"its folder {str(db.parent)!r} cannot be created ({e.strerror or e})")
+        raise _refuse(uri, why, hint) from None
+    if db.is_dir():
+        raise _refuse(uri, f"{str(db)!r} is a folder, not a database file", hint)
+    try:
+        con = sqlite3.connect(str(db), timeout=timeout)
+        try:
+            con.execute("BEGIN IMMEDIATE")  # takes the write lock: proves the file is a writable database
+            con.execute("ROLLBACK")
+        finally:
+            con.close()
+    except sqlite3.OperationalError as e:
+        if "locked" in str(e) or "busy" in str(e):
+            return  # another process is writing to it right now: it is a working store
+        raise _refuse(uri, f"the database {str(db)!r} cannot be opened for writing ({e})", hint) from None
+    except sqlite3.DatabaseError as e:
+        raise _refuse(uri, f"{str(db)!r} is not a usable SQLite database ({e})", hint) from None
+
+
+def _check_http(uri: str, timeout: float) -> None:
+    import requests  # MLflow's own HTTP client library: the same proxies and certificates as its calls
+
+    url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search"
+    hint = "start the tracking server, fix the URI, or use a local store (sqlite:///PATH.db)"
+    try:
+        r = requests.get(url, params={"max_results": 1}, timeout=(timeout, timeout))
+    except requests.exceptions.ConnectTimeout:
+        raise _refuse(uri, f"no connection within {timeout:g} s", hint) from None
+    except requests.exceptions.ReadTimeout:
+        raise _refuse(uri, f"the server accepted the connection but did not answer within {timeout:g} s",
+                      hint) from None
+    except requests.exceptions.SSLError as e:
+        raise _refuse(uri, f"TLS failed ({e})", hint) from None
+    except requests.exceptions.ConnectionError as e:
+        reason = "connection refused" if "refused" in str(e).lower() else f"cannot connect ({e})"
+        raise _refuse(uri, reason, hint) from None
+    except requests.exceptions.RequestException as e:
+        raise _refuse(uri, f"{type(e).__name__}: {e}", hint) from None
+    if r.status_code >= 500:
+        raise _refuse(uri, f"the server answers HTTP {r.status_code} (MLflow would retry it for minutes)", hint)
+
+
+def _check_db_server(uri: str, scheme: str, timeout: float) -> None:
+    parts = urllib.parse.urlsplit(uri)
+    if not parts.hostname:
+        return  # a local socket: nothing to reach over the network
+    port = parts.port or _DB_PORTS.get(scheme.split("+", 1)[0])
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        raise _refuse(uri, f"no connection to {parts.hostname}:{port} ({e.strerror or e})",
+                      "start the database server or fix the URI") from None
+
+
+def preflight(uri: str, timeout: float = PREFLIGHT_TIMEOUT_S) -> None:
+    """Check, within ``timeout`` seconds per step, that the tracking store ``uri`` can be reached and (for a
+    sqlite file) written; raise :class:`~.base.TrackerError` naming the URI and the reason otherwise."""
+    scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
+    if scheme == "sqlite":
+        _check_sqlite(uri, timeout)
+    elif scheme in ("http", "https"):
+        _check_http(uri, timeout)
+    elif scheme.split("+", 1)[0] in _DB_PORTS:
+        _check_db_server(uri, scheme, timeout)
+
+
 def _params(config: dict[str, Any]) -> dict[str, str]:
     from ...compare.aggregate import flatten
 
@@ -74,14 +176,33 @@ def _params(config: dict[str, Any]) -> dict[str, str]:
 
 
 class MLflowTracker(Callback):
-    """Logs a fusionkd run into an MLflow tracking store (see the module docs)."""
+    """Logs a fusionkd run into an MLflow tracking store (see the module docs).
+
+    Each hook's store I/O runs under :func:`~.base.deferred_stops`: a Ctrl-C or a ``SIGTERM`` that arrives
+    during a write takes effect right after it, so the store is never left locked mid-transaction and
+    :meth:`on_run_end` can still mark the run ``KILLED``.
+    """
 
     def __init__(self, cfg: Any, run_dir: Path) -> None:
+        with deferred_stops():
+            self._open(cfg)
+
+    def on_run_start(self, config: dict[str, Any], run_dir: Path, start_epoch: int) -> None:
+        with deferred_stops():
+            self._start(config, run_dir, start_epoch)
+
+    def on_epoch_end(self, metrics: dict[str, Any]) -> None:
+        with deferred_stops():
+            self._epoch(metrics)
+
+    def on_run_end(self, summary: dict[str, Any] | None, run_dir: Path, error: BaseException | None) -> None:
+        with deferred_stops():
+            self._end(summary, run_dir, error)
+
+    def _open(self, cfg: Any) -> None:
         from mlflow import MlflowClient
 
         self.uri = cfg.tracker_uri or default_uri(cfg)
-        if self.uri.startswith("sqlite:///"):
-            Path(self.uri[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(tracking_uri=self.uri)
         name = cfg.tracker_experiment or cfg.dataset
         exp = self.client.get_experiment_by_name(name)
@@ -92,7 +213,7 @@ class MLflowTracker(Callback):
         self.run_id: str | None = None
         self.cfg = cfg
 
-    def on_run_start(self, config: dict[str, Any], run_dir: Path, start_epoch: int) -> None:
+    def _start(self, config: dict[str, Any], run_dir: Path, start_epoch: int) -> None:
         from mlflow.entities import Param, RunTag
 
         marker = run_dir / "mlflow_run.json"
@@ -114,14 +235,14 @@ class MLflowTracker(Callback):
         atomic_write_text(json.dumps({"tracking_uri": self.uri, "run_id": self.run_id,
                                       "experiment_id": self.experiment_id}), marker)
 
-    def on_epoch_end(self, metrics: dict[str, Any]) -> None:
+    def _epoch(self, metrics: dict[str, Any]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [Metric(k, v, now, int(metrics["epoch"])) for k, v in flat_metrics(metrics).items()]
         self.client.log_batch(self.run_id, metrics=batch)
 
-    def on_run_end(self, summary: dict[str, Any] | None, run_dir: Path, error: BaseException | None) -> None:
+    def _end(self, summary: dict[str, Any] | None, run_dir: Path, error: BaseException | None) -> None:
         if self.run_id is None:
             return
         from mlflow.entities import Metric
@@ -139,15 +260,17 @@ class MLflowTracker(Callback):
                 if (run_dir / name).is_file():
                     self.client.log_artifact(self.run_id, str(run_dir / name))
             status = "FINISHED"
-        else:
-            status = "FAILED" if error is not None and not _is_prune(error) else "KILLED"
+        else:  # a stop (--stop-after, Ctrl-C, SIGTERM/SIGHUP, a tuner's prune) is KILLED, an error FAILED
+            status = "FAILED" if error is not None and not _is_stop(error) else "KILLED"
         self.client.set_terminated(self.run_id, status=status)
 
 
-def _is_prune(error: BaseException) -> bool:
-    return type(error).__name__ == "TrialPruned"
+def _is_stop(error: BaseException) -> bool:
+    """A stop asked for from outside the run (not a failure of it): a tuner's prune, Ctrl-C, a signal."""
+    return type(error).__name__ == "TrialPruned" or isinstance(error, KeyboardInterrupt)
 
 
 def build(cfg: Any, run_dir: Path) -> Callback:
     check(cfg)
+    preflight(cfg.tracker_uri or default_uri(cfg))
     return MLflowTracker(cfg, run_dir)

@@ -6,7 +6,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from .base import Callback, TrackerError, flat_metrics
+from .base import Callback, TrackerError, deferred_stops, flat_metrics
 
 
 def check(cfg: Any) -> None:
@@ -23,12 +23,14 @@ class TensorBoardTracker(Callback):
         self.writer = SummaryWriter(str(run_dir / "tb"))
 
     def on_epoch_end(self, metrics: dict[str, Any]) -> None:
-        for k, v in flat_metrics(metrics).items():
-            self.writer.add_scalar(k, v, metrics["epoch"])
-        self.writer.flush()
+        with deferred_stops():  # a stop during the write takes effect after it (whole records only)
+            for k, v in flat_metrics(metrics).items():
+                self.writer.add_scalar(k, v, metrics["epoch"])
+            self.writer.flush()
 
     def on_run_end(self, summary, run_dir, error) -> None:
-        self.writer.close()
+        with deferred_stops():
+            self.writer.close()
 
 
 def build(cfg: Any, run_dir: Path) -> Callback:
