@@ -13,7 +13,9 @@ Definitions (also stated in every report):
 * **gain**: ``mean(method) − mean(baseline)`` for the same dataset and model, with its 95 % confidence
   interval: the paired t interval over per-seed differences when both ran the same seeds (>= 2), else
   Welch's; plus Welch's two-sided p-value. A *gain* (or *loss*) is called only when the interval excludes
-  zero, else a *tie*; with one seed the call is *unknown* (:mod:`fusionkd.compare.stats`).
+  zero, else a *tie*; with one seed the call is *unknown*, and when the seeds show no spread (every per-seed
+  difference equal, or both groups constant) it is *undetermined*: no spread is no evidence
+  (:mod:`fusionkd.compare.stats`).
 * **best auxiliary head**: among the heads that are never the deploy head in any run of the group, the one
   with the highest mean last-epoch test accuracy.
 """

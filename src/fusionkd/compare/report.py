@@ -48,8 +48,10 @@ DEFINITIONS = (
     "std over seeds (ddof = 1; `-` for a single seed). "
     "**gain** is mean(method) − mean(baseline) for the same model with its 95 % confidence interval "
     "[lo, hi]: the paired t interval over the per-seed differences when both ran the same seeds, else "
-    "Welch's; it reads *gain* or *loss* only when the interval excludes zero, *tie* otherwise, and "
-    "*unknown* with one seed (the intervals and Welch's p-values are listed under each table). "
+    "Welch's; it reads *gain* or *loss* only when the interval excludes zero, *tie* otherwise, "
+    "*unknown* with one seed, and *undetermined* when the seeds show no spread (every per-seed difference "
+    "identical, or both groups constant: no interval can be estimated, so there is no evidence either way). "
+    "The intervals, Welch's p-values and the reason for each missing interval are listed under each table. "
     "**best aux head**: among the heads that are never deployed, the one "
     "with the highest mean last-epoch test accuracy (e.g. a fused, ensemble or self-teacher classifier). "
     "**train time** is the mean training time per run (evaluation excluded); **img/s** is training "
@@ -117,7 +119,8 @@ def results_table(groups: Sequence[GroupStats]) -> str:
 
 
 def significance_notes(groups: Sequence[GroupStats]) -> list[str]:
-    """One line per method of a table: the test behind each gain cell (interval, df, p-values)."""
+    """One line per method of a table: the test behind each gain cell (interval, df, p-values, or why there is
+    no interval: one seed, or no spread between seeds)."""
     lines = []
     for g in groups:
         if g.method == "baseline" or (g.gain_last is None and g.gain_best is None):

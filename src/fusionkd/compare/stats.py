@@ -10,6 +10,13 @@ zero; otherwise the two are a **tie**. The interval is the *paired* t interval o
 when both groups ran the same seeds (``data_seed`` fixes the split, so seed ``s`` of both methods share the
 data and the initial draw of the shared parts), and Welch's interval otherwise. Welch's two-sided p-value is
 always reported beside it (and the paired one when pairing applies).
+
+No call is made without evidence: with fewer than 2 seeds per group there is no interval (**unknown**), and
+when the seeds show **no spread** — every per-seed difference identical (paired), or both groups constant
+(Welch), which quantised accuracies and 2-3 seeds make common — the standard error is 0, so neither an
+interval nor a p-value can be estimated: the call is **undetermined** (not a gain with p = 0 from a
+zero-width interval). A spread below ``1e-9`` of the values' magnitude counts as none (float rounding of
+``a - b`` on two-decimal accuracies leaves ~1e-14).
 """
 
 from __future__ import annotations
@@ -90,9 +97,16 @@ def t_quantile(p: float, df: float) -> float:
     return 0.5 * (lo + hi)
 
 
+#: a standard error at most this fraction of the values' magnitude is no spread (float rounding, not data)
+NO_SPREAD = 1e-9
+
+
 @dataclass(frozen=True)
 class TTest:
-    """A mean difference with its 95 % interval, the t statistic, degrees of freedom and two-sided p-value."""
+    """A mean difference with its 95 % interval, the t statistic, degrees of freedom and two-sided p-value.
+
+    Without spread (standard error 0) ``lo``, ``hi``, ``t`` and ``p`` are NaN: nothing can be estimated.
+    """
 
     diff: float
     lo: float
@@ -101,11 +115,17 @@ class TTest:
     df: float
     p: float
 
+    @property
+    def estimable(self) -> bool:
+        """False when the data had no spread, so that no interval or p-value exists."""
+        return not math.isnan(self.p)
 
-def _from(diff: float, se: float, df: float, level: float) -> TTest:
-    if se == 0.0:  # no spread at all: the difference is exact
-        return TTest(diff, diff, diff, math.copysign(math.inf, diff) if diff else 0.0, df,
-                     0.0 if diff else 1.0)
+
+def _from(diff: float, se: float, df: float, level: float, scale: float = 1.0) -> TTest:
+    """The test of ``diff`` with standard error ``se``; ``scale`` is the magnitude of the values, below
+    ``NO_SPREAD * scale`` the standard error is rounding and there is no spread."""
+    if se <= NO_SPREAD * max(1.0, abs(scale)):  # no spread: no interval, no p-value (not an exact difference)
+        return TTest(diff, math.nan, math.nan, math.nan, df, math.nan)
     half = t_quantile(0.5 + level / 2.0, df) * se
     t = diff / se
     return TTest(diff, diff - half, diff + half, t, df, t_sf2(t, df))
@@ -125,7 +145,7 @@ def welch_from_summary(mean_a: float, std_a: float, n_a: int, mean_b: float, std
     va, vb = std_a ** 2 / n_a, std_b ** 2 / n_b
     se = math.sqrt(va + vb)
     df = (va + vb) ** 2 / (va ** 2 / (n_a - 1) + vb ** 2 / (n_b - 1)) if se > 0 else float(n_a + n_b - 2)
-    return _from(mean_a - mean_b, se, df, level)
+    return _from(mean_a - mean_b, se, df, level, scale=max(abs(mean_a), abs(mean_b)))
 
 
 def paired(a: Sequence[float], b: Sequence[float], level: float = LEVEL) -> TTest:
@@ -134,7 +154,8 @@ def paired(a: Sequence[float], b: Sequence[float], level: float = LEVEL) -> TTes
         raise ValueError(f"a paired test needs >= 2 pairs of equal length, got {len(a)} and {len(b)}")
     d = [x - y for x, y in zip(a, b)]
     n = len(d)
-    return _from(statistics.fmean(d), statistics.stdev(d) / math.sqrt(n), float(n - 1), level)
+    scale = max(abs(v) for v in (*a, *b))
+    return _from(statistics.fmean(d), statistics.stdev(d) / math.sqrt(n), float(n - 1), level, scale)
 
 
 @dataclass(frozen=True)
@@ -154,32 +175,54 @@ class Verdict:
 
     @property
     def call(self) -> str:
-        """``"gain"``, ``"loss"``, ``"tie"`` (the interval holds 0) or ``"unknown"`` (too few seeds)."""
+        """``"gain"``, ``"loss"``, ``"tie"`` (the interval holds 0), ``"unknown"`` (too few seeds) or
+        ``"undetermined"`` (no spread between seeds: no interval can be estimated); see :attr:`reason`."""
         if self.interval is None:
             return "unknown"
+        if not self.interval.estimable:
+            return "undetermined"
         if self.interval.lo > 0:
             return "gain"
         if self.interval.hi < 0:
             return "loss"
         return "tie"
 
+    @property
+    def reason(self) -> str | None:
+        """Why there is no interval (``unknown`` / ``undetermined``); None when there is one."""
+        if self.interval is None:
+            return f"{self.n_method} vs {self.n_baseline} seed(s): at least 2 of each are needed for an interval"
+        if self.interval.estimable:
+            return None
+        what = (f"every per-seed difference is {self.diff:+.2f}" if self.paired
+                else "both groups are constant over their seeds")
+        return f"no spread between seeds ({what}): cannot estimate an interval"
+
     def format(self) -> str:
-        """``"+0.52 [-0.31, +1.35] tie"``; ``"+0.52 (1 seed: unknown)"`` without an interval."""
+        """``"+0.52 [-0.31, +1.35] tie"``; ``"+0.52 (n=1: unknown)"`` and ``"+1.00 (no spread: undetermined)"``
+        without an interval."""
         if self.interval is None:
             return f"{self.diff:+.2f} (n={min(self.n_method, self.n_baseline)}: unknown)"
+        if not self.interval.estimable:
+            return f"{self.diff:+.2f} (no spread: undetermined)"
         return f"{self.diff:+.2f} [{self.interval.lo:+.2f}, {self.interval.hi:+.2f}] {self.call}"
 
     def detail(self) -> str:
         """The test behind the call, for the significance notes of a report."""
         if self.interval is None:
-            return f"{self.n_method} vs {self.n_baseline} seed(s): at least 2 of each are needed for an interval"
+            return self.reason
         kind = (f"paired t over {self.n_method} seeds" if self.paired
                 else f"Welch t, {self.n_method} vs {self.n_baseline} seeds")
-        out = f"{kind}, df {self.interval.df:.1f}"
-        if self.paired:
-            out += f", paired p = {_p(self.interval.p)}"
-        if self.welch is not None:
-            out += f", Welch p = {_p(self.welch.p)}"
+        if not self.interval.estimable:
+            out = f"{kind}: {self.reason}"
+        else:
+            out = f"{kind}, df {self.interval.df:.1f}"
+            if self.paired:
+                out += f", paired p = {_p(self.interval.p)}"
+        if self.welch is not None and (self.paired or self.interval.estimable):
+            out += f", Welch p = {_p(self.welch.p)}" if self.welch.estimable else ", Welch: no spread"
+            if self.paired and not self.interval.estimable and self.welch.estimable:
+                out += " (unpaired: not the test the call is made on)"
         return out
 
 

@@ -3,7 +3,8 @@
 Seven columns that fit in about 100 characters: method, seeds, the deploy head's test accuracy at the
 best-validation epoch and at the last epoch (mean ± std), the difference to the baseline at the
 best-validation epoch with the report's call on it (gain / loss only when the 95 % interval excludes zero,
-else tie; unknown with one seed), the best auxiliary head, and training time per run.
+else tie; unknown with one seed; undetermined when the seeds show no spread), the best auxiliary head, and
+training time per run.
 """
 
 from __future__ import annotations

@@ -3,8 +3,12 @@
 ``imagenet_resnet18/34/50`` (He et al. 2016) and ``imagenet_mobilenet_v2`` (Sandler et al. 2018) are written
 in plain torch, module for module as in torchvision's ``resnet.py`` and ``mobilenetv2.py``, so that their
 ``state_dict`` keys and shapes are exactly torchvision's (``conv1.weight``, ``layer4.1.conv2.weight``,
-``fc.weight``, ``features.18.0.weight``, ``classifier.1.weight`` ...): a torchvision or timm weights file
-loads with no key mapping (``weights=FILE``, see docs/models.md). Parameters at 1000 classes: 11,689,512 /
+``fc.weight``, ``features.18.0.weight``, ``classifier.1.weight`` ...): a torchvision weights file loads
+with no key mapping (``weights=FILE``, see docs/models.md), and so does a timm **ResNet** file (timm's
+ResNets use torchvision's names). timm's MobileNetV2 (``mobilenetv2_100``, built by its ``EfficientNet``
+class) does not: its keys are ``conv_stem``, ``bn1``, ``blocks.*``, ``conv_head``, ``bn2``, ``classifier``,
+which are not mapped, so such a file is refused with the missing and unexpected keys; use a torchvision
+MobileNetV2 file. Parameters at 1000 classes: 11,689,512 /
 21,797,672 / 25,557,032 / 3,504,872, as torchvision's.
 
 The contract's ``stem`` / ``stages`` / ``head`` are *views* of the same modules, kept out of the module
