@@ -166,3 +166,26 @@ def test_a_study_whose_trials_keep_failing_stops_with_the_reason(tmp_path, capsy
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "3 trials in a row failed" in err and "NaN" in err
+
+
+def test_a_study_on_a_store_runs_and_reads_no_test_image(tmp_path, capsys):
+    """A dataset read from a store (imagefolder, storage=store) used to crash every trial: the empty test
+    split was built from ``.images``, which a store split does not have."""
+    from test_data_datasets import write_png_tree
+
+    root = tmp_path / "folder"
+    write_png_tree(root, {"train": 12, "test": 4}, ["a", "b"], size=(16, 16))
+    out = tmp_path / "study"
+    code = main(["tune", "--method", "baseline", "--space", "lr=loguniform:0.01:0.2", "--trials", "2", "--out",
+                 str(out), "--pruner", "none", "dataset=imagefolder", f"data_dir={root}", "image_size=16",
+                 "dataset_options={storage: store, store_dir: %s}" % (tmp_path / "store"), "val_fraction=0.25",
+                 "batch_size=4", "eval_batch_size=16", "epochs=1", "threads=1", "model=resnet8"])
+    assert code == 0, capsys.readouterr().err
+    summaries = sorted((out / "trials").glob("trial-*/summary.json"))
+    assert len(summaries) == 2
+    for f in summaries:
+        assert "'test': 0}" in (f.parent / "train.log").read_text()  # the trial's data sizes: no test image
+        assert not json.loads(f.read_text())["best"].get("test")  # and nothing was evaluated on test
+    # the store was prepared with every split (later train/compare runs share it), test included
+    manifest = json.loads(next((tmp_path / "store").rglob("manifest.json")).read_text())
+    assert "test" in json.dumps(manifest["splits"] if "splits" in manifest else manifest)

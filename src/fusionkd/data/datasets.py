@@ -402,8 +402,9 @@ def load_dataset(
         with_test=with_test,
     )
     src = entry.obj(req, **options)
-    if not with_test:
-        src.test = ArrayDataset(src.train.images[:0].clone(), src.train.labels[:0].clone())
+    if not with_test:  # an empty test split of the same kind (a store split has no images in memory)
+        src.test = src.train.select(np.zeros(0, dtype=np.int64)) if isinstance(src, StoreSource) else \
+            ArrayDataset(src.train.images[:0].clone(), src.train.labels[:0].clone())
     num_classes = len(src.classes)
     if isinstance(src, StoreSource):
         return _split_store(name, src, val_fraction, subset, seed, t0)
