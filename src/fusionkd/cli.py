@@ -139,7 +139,11 @@ def _stop_message(e: KeyboardInterrupt) -> str:
 
 
 def _schema_flags(parser: argparse.ArgumentParser) -> list[str]:
-    """Add ``--<option>`` for every top-level scalar/list field of :class:`Config`."""
+    """Add ``--<option>`` for every top-level scalar/list field of :class:`Config` that the subcommand does not
+    define itself (``compare --dataset``, ``bench --precision`` keep their own meaning); returns the names.
+
+    Every subcommand that trains (train, compare, tune, bench, demo) calls it, so the config's options are one
+    language across them: ``--key value`` and ``key=value``, with the same refusals and did-you-mean."""
     hints = typing.get_type_hints(Config)
     names = []
     group = parser.add_argument_group("config options (also accepted as key=value; see docs/config.md)")
@@ -150,10 +154,25 @@ def _schema_flags(parser: argparse.ArgumentParser) -> list[str]:
         is_list = "list" in str(tp)
         default = f.default if f.default is not dataclasses.MISSING else None
         helptext = f"(default: {default})" + (" comma-separated list" if is_list else "")
-        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f"cfg_{f.name}", default=None,
-                           metavar=f.name.upper(), help=helptext)
+        try:
+            group.add_argument(f"--{f.name.replace('_', '-')}", dest=f"cfg_{f.name}", default=None,
+                               metavar=f.name.upper(), help=helptext)
+        except argparse.ArgumentError:  # the subcommand has its own --flag of that name
+            continue
         names.append(f.name)
+    parser.set_defaults(config_flags=names)
     return names
+
+
+def flag_overrides(args: argparse.Namespace) -> list[str]:
+    """The config ``--flags`` given to a subcommand other than ``train``, as ``key=value`` items (put before
+    the command's own ``key=value`` items, which win, as in ``train``)."""
+    out = []
+    for name in getattr(args, "config_flags", None) or []:
+        raw = getattr(args, f"cfg_{name}", None)
+        if raw is not None:
+            out.append(f"{name}={json.dumps(_parse_flag_value(name, raw))}")
+    return out
 
 
 def _parse_flag_value(name: str, raw: str) -> Any:
@@ -378,6 +397,8 @@ def _add_extra_commands(sub) -> None:
     except ImportError:
         return
     commands.add_parsers(sub)
+    for name in ("compare", "tune", "bench", "demo"):  # the config's --flags, as train has them
+        _schema_flags(sub.choices[name])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -389,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv)  # the usual "unrecognized arguments" error, with usage
     if extra:
         args.overrides = [*(args.overrides or []), *extra]
+    if args.command != "train" and getattr(args, "config_flags", None):
+        args.overrides = [*flag_overrides(args), *(args.overrides or [])]
     _setup_logging(args.verbose)
     with stop_signals_as_interrupts() as received:
         code = _dispatch(args, names)

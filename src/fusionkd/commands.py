@@ -179,13 +179,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.data:
         return run_data_benchmark(shlex.split(args.data_args or ""))
     methods = parse_names(args.methods, "method") if args.methods else METHODS.names()
+    common = dict(parse_override(o) for o in args.overrides or [])
     spec = BenchSpec(
         methods=methods, models=parse_names(args.models, "model"), dataset=args.dataset,
         shape=parse_shape(args.shape) if args.shape else None, num_classes=args.num_classes,
         batch_size=args.batch_size, precision=args.precision, channels_last=args.channels_last,
         compile=args.compile, threads=args.threads, device=args.device, warmup=args.warmup,
         repeats=args.repeats, steps=args.steps, teacher_model=args.teacher_model,
-        method_options=parse_method_options(args.method_options or [], ["baseline", *methods]),
+        method_options=parse_method_options(args.method_options or [], ["baseline", *methods]), common=common,
     )
     out = bench(spec, report=None if args.quiet else _say)
     print(format_table(out))
@@ -204,7 +205,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise ConfigError("--epochs must be >= 1 and --subset >= 10")
     try:
         res = demo(args.out, epochs=args.epochs, subset=args.subset, precision=args.precision,
-                   workers=args.workers, threads=args.threads, report=_say)
+                   workers=args.workers, threads=args.threads, report=_say,
+                   common=dict(parse_override(o) for o in args.overrides or []))
     except KeyboardInterrupt:
         print("\ninterrupted; run `fusionkd demo` again with the same options to finish it", file=sys.stderr)
         return 130
@@ -340,6 +342,8 @@ def add_parsers(sub) -> None:
                        description="Measure training steps of each method x model (baseline included, for "
                                    "the ratio) in a fresh process each: warm-up, then the median of several "
                                    "timed blocks. --data runs the data-pipeline benchmark instead.")
+    b.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config options of every measured run (e.g. lr=0.1 augment.cutout=8)")
     b.add_argument("--methods", help="comma-separated methods (default: every registered one)")
     b.add_argument("--models", default="resnet20")
     b.add_argument("--dataset", default="fashion-mnist", help="gives the input shape and class count")
@@ -368,6 +372,8 @@ def add_parsers(sub) -> None:
                        description="A small comparison on real data: resnet20, stratified training subset, "
                                    "validation split, full test set, channels_last, bf16 where measured "
                                    "faster, 1 seed, 2 workers.")
+    d.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config options of every run of the demo (e.g. lr=0.1; the demo's own settings otherwise)")
     d.add_argument("--epochs", type=int, default=DEMO_EPOCHS, help=f"(default: {DEMO_EPOCHS})")
     d.add_argument("--subset", type=int, default=DEMO_SUBSET,
                    help=f"training images (default: {DEMO_SUBSET})")

@@ -248,14 +248,13 @@ def check_spec(spec: TuneSpec) -> Config:
     for key in NOT_SETTINGS:
         if key in base:
             raise ConfigError(f"{key}= cannot be a setting of a study (--method names the method, --out the folder)")
-    cfg = None
+    cfg = resolve_config(base, {"method": spec.method})  # the settings alone first: their own message
     for p in spec.space:
         for value in p.extremes():
             try:
                 cfg = resolve_config(base, {"method": spec.method}, nest({p.key: value}))
             except ConfigError as e:
                 raise ConfigError(f"search space {p.describe()}: the value {value!r} is refused: {e}") from None
-    assert cfg is not None
     if cfg.val_fraction <= 0:
         raise ConfigError("a study chooses on the validation split: val_fraction must be > 0 (it is "
                           f"{cfg.val_fraction:g}); the test split is never used for choosing")

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..engine.config import ConfigError
+from ..engine.config import ConfigError, deep_merge
 from ..methods import METHODS
 
 log = logging.getLogger("fusionkd")
@@ -69,6 +69,8 @@ class BenchSpec:
     steps: int = 10
     teacher_model: str = "resnet56"
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: config options of every measured run (``fusionkd bench lr=0.1 ...``); a method's own options win
+    common: dict[str, Any] = field(default_factory=dict)
 
     def data_shape(self) -> tuple[tuple[int, int, int], int]:
         """``((C, H, W), num_classes)`` from ``shape``/``num_classes`` or the dataset registry."""
@@ -129,6 +131,25 @@ def _peak_rss_mb() -> float:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def check_common(spec: BenchSpec) -> None:
+    """Refuse bad config options before any process starts, with the config's own messages (unknown keys
+    with did-you-mean, ranges, types), as ``train`` would."""
+    from ..engine.config import resolve_config
+
+    taken = {"method", "model", "dataset", "batch_size", "precision", "channels_last", "compile", "device",
+             "threads", "teacher", "teacher_model"}
+    clash = sorted(k for k in spec.common if k in taken)
+    if clash:
+        raise ConfigError(f"{', '.join(clash)}: set by bench's own flags (--methods, --models, --dataset, "
+                          "--batch-size, --precision, --channels-last, --compile, --device, --threads, "
+                          "--teacher-model); give them there")
+    for method in spec.methods or ["baseline"]:
+        layer = {"method": method, "model": spec.models[0], "dataset": spec.dataset}
+        if METHODS.get(method).needs_teacher:
+            layer["teacher"] = f"random-init {spec.teacher_model}"
+        resolve_config(layer, deep_merge(spec.common, dict(spec.method_options.get(method) or {})))
 
 
 def measure(job: dict[str, Any]) -> dict[str, Any]:
@@ -242,6 +263,7 @@ def bench(spec: BenchSpec, report: Callable[[str], None] | None = None) -> dict[
     (c, h, w), classes = spec.data_shape()
     if spec.threads < 1 or spec.batch_size < 1 or spec.repeats < 1 or spec.steps < 1 or spec.warmup < 0:
         raise ConfigError("--threads, --batch-size, --repeats and --steps must be >= 1 and --warmup >= 0")
+    check_common(spec)
     results = []
     for model in spec.models:
         base = None
@@ -251,7 +273,7 @@ def bench(spec: BenchSpec, report: Callable[[str], None] | None = None) -> dict[
                    "channels_last": spec.channels_last, "compile": spec.compile, "threads": spec.threads,
                    "device": spec.device, "warmup": spec.warmup, "repeats": spec.repeats, "steps": spec.steps,
                    "teacher_model": spec.teacher_model,
-                   "overrides": dict(spec.method_options.get(method) or {})}
+                   "overrides": deep_merge(spec.common, dict(spec.method_options.get(method) or {}))}
             say(f"bench {method} {model} ...")
             r = _run_job(job)
             if "error" not in r:

@@ -102,7 +102,7 @@ def resolve_precision(precision: str, threads: int = 1) -> tuple[str, str]:
 
 def demo(out: str | Path = "runs/demo", *, epochs: int = DEMO_EPOCHS, subset: int = DEMO_SUBSET,
          precision: str = "auto", workers: int = 2, threads: int = 1,
-         report: Callable[[str], None] | None = None) -> DemoResult:
+         report: Callable[[str], None] | None = None, common: dict[str, Any] | None = None) -> DemoResult:
     """Run the demo comparison into ``out`` (runs made with other settings are replaced).
 
     ``precision="auto"``: bf16 on a GPU, and on a CPU where a few measured steps show it faster, else fp32;
@@ -112,13 +112,13 @@ def demo(out: str | Path = "runs/demo", *, epochs: int = DEMO_EPOCHS, subset: in
         report(f"precision {precision}: {why}")
     methods = [m for m in DEMO_METHODS if m in METHODS]
     missing = [m for m in DEMO_METHODS if m not in METHODS]
-    options = demo_options(epochs, subset, precision)
+    options = {**demo_options(epochs, subset, precision), **(common or {})}  # the user's options win
     spec = CompareSpec(methods=methods, models=[DEMO_MODEL], seeds=[0], out=Path(out), common=options,
                        method_options={m: o for m, o in DEMO_METHOD_OPTIONS.items() if m in methods},
                        workers=max(1, min(workers, len(methods))), threads=threads, rerun_changed=True,
                        title="fusionkd demo",
                        command=f"fusionkd demo --epochs {epochs} --subset {subset} --precision {precision} "
-                               f"--out {out}")
+                               f"--out {out}" + "".join(f" {k}={json.dumps(v)}" for k, v in (common or {}).items()))
     t0 = time.perf_counter()
     result = compare(spec, report=report)
     return DemoResult(result, methods, missing, time.perf_counter() - t0, options)
