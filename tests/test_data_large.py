@@ -514,3 +514,25 @@ def test_randaugment_on_a_store_is_refused_with_the_reason(trees, tmp_path):
                        val_fraction=0.2, progress="none", threads=1, out_dir=str(tmp_path / "r"),
                        augment={"randaugment": 2}, name="ra")
     assert not (tmp_path / "r" / "ra").exists()  # a refusal leaves no run folder behind
+
+
+def test_mixing_store_loader_refusals(trees, tmp_path):
+    """MixUp/CutMix on a store wrap the loader; its bad settings are refused with the values named, and it
+    cannot be iterated before an epoch is set (its draws depend on (seed, epoch))."""
+    from fusionkd.data.store_loader import MixingStoreLoader, make_loader
+
+    s = load_dataset("cub200", trees, val_fraction=0, image_size=32, store_dir=str(tmp_path / "st"))
+    inner = StoreLoader(s.train, s.info, 4, train=True, seed=1)
+    for kw, match in [(dict(mixup=-0.1, cutmix=0.0, mix_prob=1.0), "mixup=-0.1"),
+                      (dict(mixup=0.2, cutmix=-1.0, mix_prob=1.0), "cutmix=-1.0"),
+                      (dict(mixup=0.2, cutmix=0.0, mix_prob=1.5), "mix_prob=1.5")]:
+        with pytest.raises(ValueError, match=match):
+            MixingStoreLoader(inner, num_classes=3, **kw)
+    with pytest.raises(ValueError, match="pass num_classes"):
+        make_loader(s.train, s.info, 4, train=True, mixup=0.2)  # soft targets need the class count
+    loader = MixingStoreLoader(inner, mixup=0.2, cutmix=0.0, mix_prob=1.0, num_classes=3)
+    with pytest.raises(RuntimeError, match="set_epoch"):
+        next(iter(loader))
+    loader.set_epoch(0)
+    x, y = next(iter(loader))
+    assert x.shape == (4, 3, 32, 32) and y.shape == (4, 3) and torch.allclose(y.sum(1), torch.ones(4))
