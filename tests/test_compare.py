@@ -411,7 +411,10 @@ def test_demo_settings_are_valid_and_missing_methods_are_named(tmp_path, monkeyp
     _, tasks = plan(spec)  # the real demo config validates (no training here)
     cfg = tasks[0].config
     assert cfg.dataset == "fashion-mnist" and cfg.precision == "bf16" and cfg.channels_last
-    assert cfg.val_fraction == 0.1 and cfg.subset == demo_mod.DEMO_SUBSET and cfg.schedule == "cosine"
+    assert cfg.subset == demo_mod.DEMO_SUBSET and cfg.schedule == "cosine"
+    # validation sized for the subset: a fifth of it (1,000 of 60,000 images), not 10 % of Fashion-MNIST
+    assert round(cfg.val_fraction * 60_000) == demo_mod.DEMO_SUBSET // 5 == 1000
+    assert demo_mod.demo_val_images(1000) == 500  # never below 500 images
 
     monkeypatch.setattr(demo_mod, "DEMO_METHODS", ("baseline", "no_such_method"))
     monkeypatch.setattr(demo_mod, "demo_options", lambda epochs, subset, precision: {**TINY, "epochs": 1})
