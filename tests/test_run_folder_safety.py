@@ -296,3 +296,40 @@ def test_export_never_writes_over_files_it_did_not_make(tmp_path, capsys):
     assert main(["export", str(d / "best.pt"), "--out", str(out)]) == 0
     assert main(["export", str(d / "best.pt"), "--out", str(out)]) == 0
     assert load_checkpoint(out.with_suffix(".pt"))["format"].endswith("-deploy")
+
+
+# ------------------------------------------------------------------- checked before the data is read
+def test_a_missing_teacher_file_is_refused_before_the_data_is_read(tmp_path, capsys):
+    code = main(["train", "--config", cli_config(tmp_path, tmp_path / "runs", "s", method="kd",
+                                                  teacher=str(tmp_path / "nope" / "best.pt"))])
+    err = capsys.readouterr().err
+    assert code == 2 and "no such checkpoint" in err
+    assert "loaded synthetic" not in err and not (tmp_path / "runs").exists()
+
+
+def test_plugin_flag_is_repeatable(tmp_path, capsys):
+    # argparse used to prefix-match --plugin to --plugins, so each repetition replaced the previous one
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_text("from fusionkd.models import register_model\n"
+                 "from fusionkd.models.resnet import resnet8\n"
+                 "register_model('net_a', 'a')(lambda num_classes, in_chans, **kw: resnet8(num_classes, in_chans))\n")
+    b.write_text(a.read_text().replace("net_a", "net_b").replace("'a'", "'b'"))
+    assert main(["train", "--plugin", str(a), "--plugin", str(b), "--dataset", "synthetic", "--model", "net_b",
+                 "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert str(a) in printed and str(b) in printed and "model: net_b" in printed
+    with pytest.raises(SystemExit):
+        main(["train", "--plug", str(a), "--print-config"])  # no silent prefix matching any more
+
+
+def test_a_cifar_stem_network_on_large_images_gets_a_warning(tmp_path, caplog):
+    from fusionkd.engine.trainer import warn_small_stride
+    from fusionkd.models import create_model
+
+    assert not warn_small_stride(create_model("imagenet_resnet18", 10, 3), "imagenet_resnet18", 224)
+    assert not warn_small_stride(create_model("resnet20", 10, 3), "resnet20", 32)
+    with caplog.at_level("WARNING", logger="fusionkd"):
+        train(tmp_path, "big", model="resnet8", image_size=128, batch_size=4,
+              dataset_options={"num_classes": 2, "in_chans": 1, "train_size": 8, "test_size": 4})
+    warned = [r.getMessage() for r in caplog.records if "CIFAR stem" in r.getMessage()]
+    assert len(warned) == 1 and "last map is 32x32 where an ImageNet-stem network's is 4x4" in warned[0]

@@ -231,6 +231,8 @@ def cmd_train(args: argparse.Namespace, names: list[str]) -> int:
     from .engine.config import resolve_config
 
     flags = _collect_overrides(args, names)
+    if getattr(args, "plugin", None):  # --plugin FILE, repeatable, adds to plugins=[...]
+        flags["plugins"] = [*(flags.get("plugins") or []), *args.plugin]
     run_dir: Path | None = None
     try:
         if args.resume:
@@ -362,6 +364,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     t.add_argument("--print-config", action="store_true", help="print the fully resolved config and exit")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
     t.add_argument("--stop-after", type=int, metavar="N", help="train at most N epochs now (resumable)")
+    t.add_argument("--plugin", action="append", metavar="FILE.py",
+                   help="a local file registering methods/models/datasets (repeatable; adds to plugins=)")
     names = _schema_flags(t)
 
     e = sub.add_parser("eval", help="accuracy per head, per-class accuracy, confusion matrix")
@@ -399,6 +403,10 @@ def _add_extra_commands(sub) -> None:
     commands.add_parsers(sub)
     for name in ("compare", "tune", "bench", "demo"):  # the config's --flags, as train has them
         _schema_flags(sub.choices[name])
+    for parser in sub.choices.values():
+        # no prefix matching: `--plugin` must never silently mean `--plugins` (each repetition replacing the
+        # last), nor `--model` `--models`; a misspelt flag is refused with the usage instead
+        parser.allow_abbrev = False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -292,6 +292,27 @@ def build_method(cfg: Config, info: DatasetInfo, device: torch.device,
     return method.to(device)
 
 
+#: from this input size on, a network that reduces the image only 4-8x (a CIFAR stem) gets a warning
+LARGE_INPUT = 128
+
+
+def warn_small_stride(model: nn.Module, name: str, image_size: int) -> bool:
+    """Warn (once per run) when a CIFAR-stem network (3x3 stem, no max-pool: its last map is only 4-8x
+    smaller than the image) trains on large images, where it costs ~15x the compute of an ImageNet-stem
+    network of the same depth at 224 px. Returns whether it warned."""
+    infos = getattr(model, "stage_info", None) or []
+    stride = max((int(i.stride) for i in infos), default=0)
+    if image_size < LARGE_INPUT or not stride or stride > 8:
+        return False
+    side = image_size // stride
+    log.warning("%s reduces the image only %dx (a CIFAR stem: 3x3 first convolution, no max-pool): at %d px its "
+                "last map is %dx%d where an ImageNet-stem network's is %dx%d, so its maps have ~%dx the area and a "
+                "step costs about that much more. For images this large use an ImageNet-family network "
+                "(imagenet_resnet18/34/50, imagenet_mobilenet_v2) or a preset (fusionkd list)", name, stride,
+                image_size, side, side, image_size // 32, image_size // 32, round((32 / stride) ** 2))
+    return True
+
+
 def compile_networks(method: nn.Module) -> int:
     """``torch.compile`` every stem, stage and head of every backbone inside ``method`` (in place,
     state-dict keys unchanged). Stage granularity keeps methods free to call ``forward_stages``."""
@@ -445,6 +466,8 @@ class Trainer:
         self._made_folder = False  # this invocation created (or restarted) the folder
         self._owned_before = False  # the folder was a marked fusionkd run folder before this invocation
         self._last_val: float | None = None  # deploy head's latest validation accuracy, for the progress bar
+        if not self.resuming:
+            self._check_teacher_file()
         if not self.resuming and not self.dist.enabled:
             self._check_fresh_dir()  # fail before any work; under torchrun rank 0 does it in fit()
 
@@ -484,8 +507,11 @@ class Trainer:
                 f"cannot change {', '.join(bad)} when resuming (the checkpoint was made with other values); "
                 f"options that may change on resume: {', '.join(sorted(RESUME_MUTABLE))}"
             )
-        cfg = build_dataclass(Config, deep_merge(base, changes))
-        validate(cfg)
+        from ..plugins import importing_for
+
+        with importing_for(f"resuming {run_dir}"):  # its plug-in files are named before their code runs
+            cfg = build_dataclass(Config, deep_merge(base, changes))
+            validate(cfg)
         done = int(ckpt["epoch"]) if ckpt is not None else 0
         if cfg.epochs < done:
             raise ConfigError(f"epochs={cfg.epochs} is less than the {done} epochs already trained")
@@ -494,6 +520,18 @@ class Trainer:
             with contextlib.suppress(OSError, ValueError):
                 trainer.finished_summary = json.loads((run_dir / "summary.json").read_text())
         return trainer
+
+    def _check_teacher_file(self) -> None:
+        """A ``teacher=`` / ``teacher_weights=`` file that is not there is refused before the data is loaded
+        (or a store prepared), not after."""
+        cfg = self.cfg
+        if cfg.teacher and METHODS.get(cfg.method).needs_teacher:
+            p = Path(cfg.teacher).expanduser()
+            if not (p.is_file() or (p.is_dir() and any((p / n).is_file() for n in ("best.pt", "last.pt")))):
+                raise ConfigError(f"teacher={cfg.teacher!r}: no such checkpoint (give a fusionkd best.pt/last.pt, "
+                                  "an exported .pt, or a run folder holding one)")
+        if cfg.teacher_weights and not Path(cfg.teacher_weights).expanduser().is_file():
+            raise ConfigError(f"teacher_weights={cfg.teacher_weights!r}: no such file")
 
     def _check_fresh_dir(self) -> None:
         """Refuse early (before any data is loaded) a folder this run may not take: one that holds anything
@@ -688,6 +726,8 @@ class Trainer:
             method = method.to(memory_format=torch.channels_last)
         self.method = method
         deploy_name = getattr(method, "deploy_model_name", cfg.model)
+        if main:
+            warn_small_stride(method.deploy_model(), deploy_name, info.image_size)
 
         aug = cfg.augment
         train_loader = make_loader(
@@ -746,6 +786,7 @@ class Trainer:
                  device, cfg.precision, torch.get_num_threads(),
                  f"; rank {dist_info.rank} of {dist_info.world_size}, global batch "
                  f"{cfg.batch_size * dist_info.world_size}, lr {lr:g}" if dist_info.enabled else "")
+        method.warn_short_run(cfg.epochs, cfg.options, first_start=main and ckpt is None)  # once, new runs only
         if method.ctx.teacher is not None and ckpt is None:  # outside teachers and teacher=CHECKPOINT alike
             from .teachers import check_teacher
 
