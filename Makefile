@@ -1,6 +1,9 @@
 # The two set-up commands of the README:
 #   make demo   install everything, make Fashion-MNIST available, train and print the result table
 #   make test   install everything (with the test tools) and run the test suite
+# and for the edit loop:
+#   make test-fast   the same without the tests marked slow (-m "not slow": torchrun, subprocess and kill
+#                    tests, terminal and compile tests; each > ~5 s): a few minutes
 # Works on a fresh Debian machine with Python >= 3.10 (python3-venv). TORCH_INDEX can point pip at
 # another wheel index for torch (e.g. https://download.pytorch.org/whl/cpu for a small CPU build).
 
@@ -14,7 +17,7 @@ FMNIST_DIR := /usr/share/datasets/fashion-mnist
 DEMO_ARGS ?=
 TEST_WORKERS ?= 2
 
-.PHONY: demo test install install-test data lint clean
+.PHONY: demo test test-fast install install-test data lint clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +47,9 @@ demo: install data
 test: install-test
 	-@$(MAKE) --no-print-directory data  # the real-data tests skip when it cannot be installed
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+
+test-fast: install-test
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 lint: install-test
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -33,7 +33,8 @@ def run(argv: list[str], capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", sorted(BASES))
+@pytest.mark.parametrize("command", [pytest.param(c, marks=pytest.mark.slow) if c == "demo" else c  # demo: ~8 s
+                                     for c in sorted(BASES)])
 @pytest.mark.parametrize("form", ["flag", "key=value"])
 def test_the_same_refusals_in_both_forms_through_every_subcommand(command, form, tmp_path, capsys):
     out = tmp_path / "out"
@@ -77,6 +78,7 @@ def test_tune_takes_model_and_dataset_flags(tmp_path, capsys):
     assert "model: resnet8" in cfg and "dataset: synthetic" in cfg and "epochs: 1" in cfg
 
 
+@pytest.mark.slow
 def test_bench_passes_config_options_to_the_measured_runs(tmp_path, capsys):
     code, err = run([*BASES["bench"](tmp_path), "--steps", "1", "--repeats", "1", "--warmup", "0",
                      "--momentum", "0.8", "options.temperature=2"], capsys)
@@ -94,3 +96,12 @@ def test_flags_and_key_value_agree_and_key_value_wins(tmp_path, capsys):
     assert "lr: 0.2" in capsys.readouterr().out
     assert main(["train", "--dataset", "synthetic", "--lr", "0.2", "lr=0.3", "--print-config"]) == 0
     assert "lr: 0.3" in capsys.readouterr().out
+
+
+def test_a_method_recipe_yields_to_the_users_optimizer(capsys):
+    # FFL's recipe sets Nesterov momentum; optimizer=adamw used to be refused with "nesterov=true needs sgd"
+    assert main(["train", "--method", "ffl", "--optimizer", "adamw", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer: adamw" in out and "nesterov: false" in out
+    assert main(["train", "--method", "ffl", "--print-config"]) == 0
+    assert "nesterov: true" in capsys.readouterr().out  # the recipe still holds for SGD

@@ -212,6 +212,7 @@ def _spec(out: Path, **kw) -> CompareSpec:
     return CompareSpec(**{**base, **kw})
 
 
+@pytest.mark.slow
 def test_grid_skips_finished_resumes_interrupted_and_refuses_changes(tmp_path, monkeypatch):
     out = tmp_path / "cmp"
     spec = _spec(out)
@@ -268,6 +269,7 @@ def test_grid_skips_finished_resumes_interrupted_and_refuses_changes(tmp_path, m
     assert [t.action for t in tasks] == ["overwrite"] * 4
 
 
+@pytest.mark.slow
 def test_workers_run_in_subprocesses_with_split_threads(tmp_path):
     out = tmp_path / "cmp"
     spec = CompareSpec(methods=["baseline"], models=["resnet20"], seeds=[0, 1], out=out, common=dict(TINY),
@@ -285,6 +287,7 @@ def test_workers_run_in_subprocesses_with_split_threads(tmp_path):
     assert len(r.report.groups) == 1 and r.report.groups[0].seeds == [0, 1]
 
 
+@pytest.mark.slow
 def test_devices_are_handed_to_worker_slots_round_robin(tmp_path):
     spec = CompareSpec(methods=["baseline"], models=["resnet20"], seeds=[0], out=tmp_path, common=dict(TINY),
                        workers=4, threads=1, devices=["cuda:0", "cuda:1"])
@@ -380,6 +383,7 @@ def test_bench_puts_baseline_first_and_gives_ratios(monkeypatch):
     assert "x baseline" in table and "byot" in table
 
 
+@pytest.mark.slow
 def test_bench_cli_measures_in_a_fresh_process_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = ["bench", "--methods", "baseline", "--dataset", "synthetic", "--shape", "1,16,16",

@@ -231,16 +231,25 @@ def test_store_dataset_opens_a_copied_store_without_the_source(trees, tmp_path):
 
 
 PREPARE_WORKER = r"""
-import sys, time
+import os, sys, threading
 import fusionkd.data.store as st
 from fusionkd.cli import main
 st.SHARD_BYTES = 4 * 3 * 64 * 64  # 4 images per shard
-slow = float(sys.argv[3])
+block_at, ready = int(sys.argv[3]), sys.argv[4]
 real = st.decode_image
+lock = threading.Lock()
 count = [0]
 def decode(path, size):
-    count[0] += 1
-    time.sleep(slow)
+    with lock:
+        n = count[0]
+        count[0] += 1
+    if 0 <= block_at <= n:
+        # the first decode of shard block_at // 4: every earlier shard is complete on disk (shards are written
+        # one after the other), this one and the later ones never will be. Say so, then hang until killed.
+        with open(ready + ".tmp", "w") as f:
+            f.write(str(n))
+        os.replace(ready + ".tmp", ready)
+        threading.Event().wait()
     return real(path, size)
 st.decode_image = decode
 rc = main(["prepare", "--dataset", "tinyimagenet", "data_dir=" + sys.argv[1], "store_dir=" + sys.argv[2], "workers=2"])
@@ -249,44 +258,55 @@ sys.exit(rc)
 """
 
 
-def _prepare_proc(trees: Path, store: Path, slow: float) -> subprocess.Popen:
+def _prepare_proc(trees: Path, store: Path, block_at: int = -1, ready: Path | None = None) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent / "src")}
-    return subprocess.Popen([sys.executable, "-c", PREPARE_WORKER, str(trees), str(store), str(slow)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-c", PREPARE_WORKER, str(trees), str(store), str(block_at),
+                             str(ready or "")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
+def _wait_for(path: Path, proc: subprocess.Popen, deadline_s: float = 300) -> None:
+    """Until ``path`` exists; the deadline only guards against a hang (it is never what the test waits for)."""
+    end = time.monotonic() + deadline_s
+    while not path.exists():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the process ended (code {proc.returncode}) before {path.name} appeared: {out}{err}")
+        if time.monotonic() > end:
+            proc.kill()
+            pytest.fail(f"{path.name} did not appear within {deadline_s} s")
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
 def test_prepare_killed_with_sigkill_resumes_to_a_byte_identical_store(tmp_path_factory):
     trees = tmp_path_factory.mktemp("big")
     write_tinyimagenet(trees, classes=3, train_per_class=12, val_per_class=4)  # 48 images, 12 shards
     ref = tmp_path_factory.mktemp("ref") / "store"
-    p = _prepare_proc(trees, ref, 0.0)
-    out, err = p.communicate(timeout=120)
+    p = _prepare_proc(trees, ref)
+    out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
+    assert int(out.split("decoded")[-1]) == 48
     for kill_after in (5,):  # mid-way: after 5 of the 12 shards (one point keeps the suite short)
         store = tmp_path_factory.mktemp("killed") / "store"
-        p = _prepare_proc(trees, store, 0.05)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            if store.is_dir() and len(list(store.glob("*-0*.json"))) >= kill_after:
-                break
-            time.sleep(0.002)
+        ready = store.parent / "ready"
+        # the worker hangs at the first image of shard 5 (a known state: shards 0-4 done), then is killed
+        p = _prepare_proc(trees, store, block_at=4 * kill_after, ready=ready)
+        _wait_for(ready, p)
         p.send_signal(signal.SIGKILL)
-        p.communicate(timeout=30)
+        p.communicate(timeout=60)
         assert p.returncode == -signal.SIGKILL
         assert not (store / "manifest.json").exists()
         with pytest.raises(StoreError, match="unfinished store"):
             Store(store)
-        done_before = len(list(store.glob("*-0*.json")))
-        assert done_before < 12
-        p = _prepare_proc(trees, store, 0.0)
-        out, err = p.communicate(timeout=120)
+        assert len(list(store.glob("*-0*.json"))) == kill_after  # exactly the shards finished before the kill
+        p = _prepare_proc(trees, store)
+        out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
-        decoded = int(out.split("decoded")[-1])
-        assert decoded <= 48 - 4 * done_before  # finished shards are not decoded again
+        assert int(out.split("decoded")[-1]) == 48 - 4 * kill_after  # finished shards are not decoded again
         a, b = _files(ref), _files(store)
         assert a.keys() == b.keys()
         for name in a:
@@ -471,6 +491,7 @@ def _torchrun(args: list[str]) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_torchrun_ranks_read_only_their_share_of_one_store(trees, tmp_path):
     store = tmp_path / "store"
     out = tmp_path / "out"
@@ -479,12 +500,32 @@ def test_torchrun_ranks_read_only_their_share_of_one_store(trees, tmp_path):
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     s = load_dataset("tinyimagenet", trees, store_dir=str(store), val_fraction=0.25)
     n = len(s.train)
+    # each stored image's per-channel sums after normalisation: what identifies a served sample
+    raw = s.train.read(np.arange(n)).astype(np.float64).sum((2, 3))  # (n, 3)
+    side = s.info.image_size
+    want = (raw / 255 - side * side * np.asarray(s.info.mean)) / np.asarray(s.info.std)
+    gaps = np.abs(want[:, None] - want[None]).max(-1) + np.eye(n) * 1e9
+    assert gaps.min() > 1.0  # every image is told apart by its sums
+
+    def identify(sums: list[list[float]]) -> list[int]:
+        d = np.abs(np.asarray(sums)[:, None] - want[None]).max(-1)  # (served, n)
+        idx = d.argmin(1)
+        assert d[np.arange(len(idx)), idx].max() < 1e-2, "a served sample is no stored image (flipped or not)"
+        return idx.tolist()
+
+    used = 2 * ranks[0]["batches"]  # samples per rank and epoch (batch 2, drop_last)
+    assert ranks[1]["batches"] == ranks[0]["batches"] and 0 < used <= n // 2
     for epoch in range(2):
-        a, b = (set(r["served"][epoch]) for r in ranks)
-        assert not a & b and len(a) == len(b) == 2 * ranks[0]["batches"] and len(a | b) <= n  # disjoint, equal
-        for r in range(2):  # what a rank serves is what the same loader computes alone for that rank
-            ref = StoreLoader(s.train, s.info, 2, train=True, seed=7, rank=r, world_size=2).plan(epoch)[0]
-            assert ranks[r]["served"][epoch] == ref.tolist()
+        # the epoch's permutation (one process, nothing dropped); rank r's share: positions r, r + 2, ...
+        perm = StoreLoader(s.train, s.info, 2, train=True, seed=7, drop_last=False).plan(epoch)[0].tolist()
+        assert sorted(perm) == list(range(n))
+        served = [identify(r["epochs"][epoch]["sums"]) for r in ranks]
+        for r in range(2):
+            assert served[r] == perm[r::2][:used]  # in the permutation's order
+            assert ranks[r]["epochs"][epoch]["labels"] == s.train.labels[served[r]].tolist()
+            assert ranks[r]["epochs"][epoch]["read"] == served[r]  # it read exactly what it served
+        assert not set(served[0]) & set(served[1])  # disjoint
+        assert set(served[0]) | set(served[1]) == set(perm[:2 * used])  # together: the epoch's share
     for r in ranks:  # each rank read exactly the images of its own batches, nothing else
         assert r["reads"] == 2 * r["batches"] * 2
     # and a real DDP training run on the store: parameters stay identical on both ranks

@@ -308,18 +308,39 @@ def test_export_round_trip(finished_run, tmp_path):
 
 
 def test_predict_png(finished_run, tmp_path):
+    """predict's probabilities are the softmax of the deploy network's logits on the normalised image,
+    computed here independently: a 16x16 grey PNG (the checkpoint's size and channels) is its own input."""
     from PIL import Image
 
+    rng = np.random.default_rng(0)
+    grey = [rng.integers(0, 256, (16, 16), dtype=np.uint8) for _ in range(2)]
     paths = []
-    for i in range(2):
+    for i, arr in enumerate(grey):
         p = tmp_path / f"img{i}.png"
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(p)
+        Image.fromarray(arr, mode="L").save(p)
         paths.append(p)
-    res = fusionkd.predict(finished_run.run_dir / "best.pt", paths, topk=2)
-    assert len(res) == 2 and len(res[0]["top"]) == 2
-    assert math.isclose(sum(t["probability"] for t in res[0]["top"]), sum(
-        t["probability"] for t in res[0]["top"]))
-    assert all(t["class"].startswith("class_") for r in res for t in r["top"])
+    data = load_checkpoint(finished_run.run_dir / "best.pt")["data"]
+    classes = data["classes"]
+    x = torch.from_numpy(np.stack(grey)).float().div(255).unsqueeze(1)
+    x = (x - data["mean"][0]) / data["std"][0]
+    net = finished_run.load_deploy_model("best").eval()
+    with torch.no_grad():
+        want = net(x).double().softmax(1)
+    res = fusionkd.predict(finished_run.run_dir / "best.pt", paths, topk=len(classes))
+    assert [r["image"] for r in res] == [str(p) for p in paths]
+    for n, r in enumerate(res):
+        top = r["top"]
+        assert sorted(t["class"] for t in top) == sorted(classes)  # every class once
+        probs = [t["probability"] for t in top]
+        assert probs == sorted(probs, reverse=True)  # best first
+        assert math.isclose(sum(probs), 1.0, abs_tol=1e-5)
+        assert top[0]["class"] == classes[int(want[n].argmax())]
+        for t in top:
+            assert t["probability"] == pytest.approx(float(want[n, classes.index(t["class"])]), abs=1e-5)
+    assert not torch.allclose(want[0], want[1], atol=1e-3)  # two different images: two different answers
+    short = fusionkd.predict(finished_run.run_dir / "best.pt", paths[:1], topk=2)[0]["top"]
+    assert [t["class"] for t in short] == [t["class"] for t in res[0]["top"][:2]]
+    assert [t["probability"] for t in short] == pytest.approx([t["probability"] for t in res[0]["top"][:2]], abs=1e-5)
     with pytest.raises(ValueError, match="cannot read image"):
         fusionkd.predict(finished_run.run_dir / "best.pt", [tmp_path / "nope.png"])
 
@@ -351,6 +372,7 @@ def test_cli_eval_and_export(finished_run, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------- torch.compile
+@pytest.mark.slow
 def test_compile_trains_like_eager_without_falling_back(tmp_path, caplog):
     kw = dict(epochs=1, dataset_options={"num_classes": 4, "in_chans": 1, "train_size": 64, "test_size": 16})
     eager = fusionkd.train(**tiny(tmp_path, name="eager", **kw))
@@ -377,6 +399,7 @@ def test_progress_bar_shows_loss_accuracy_speed_and_eta():
     assert out.getvalue().rstrip().endswith("epoch 2 | summary")
 
 
+@pytest.mark.slow
 def test_export_onnx_when_the_package_is_installed(finished_run, tmp_path):
     onnx = pytest.importorskip("onnx")
     w = fusionkd.export_checkpoint(finished_run.run_dir / "best.pt", tmp_path / "m.pt2", onnx=True)

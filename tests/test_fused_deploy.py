@@ -14,6 +14,7 @@ TINY = dict(dataset="synthetic", image_size=16, val_fraction=0.25, batch_size=16
             progress="none", dataset_options={"num_classes": 4, "in_chans": 1, "train_size": 48, "test_size": 32})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["ffl", "mfef"])
 def test_fused_deployment_is_the_fused_head_everywhere(method, tmp_path):
     r = fusionkd.train(method=method, options={"deploy": "fused"}, out_dir=str(tmp_path), name=method, **TINY)

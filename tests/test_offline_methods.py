@@ -4,6 +4,7 @@ MFKD's two stages, taps / alignment / fusion variants, heads, deploy network and
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -378,8 +379,27 @@ def test_construction_errors_are_clear():
         METHODS.get("kd")(ctx, None)
 
 
-def test_registry_entries():
+def test_registry_entries_and_option_defaults():
+    from fusionkd.engine.config import build_options
+    from fusionkd.methods.at import ATOptions
+    from fusionkd.methods.fitnet import FitNetOptions
+    from fusionkd.methods.kd import KDOptions
+
+    own = {"kd": KDOptions, "fitnet": FitNetOptions, "at": ATOptions, "mfkd": MFKDOptions}
     for name in OFFLINE:
         cls = METHODS.get(name)
         assert cls.family == "offline" and cls.needs_teacher
-    assert isinstance(MFKDOptions(), MFKDOptions)
+        assert cls.Options is own[name]  # the registry builds each method's own options, not another's
+        assert build_options(cls, {}, name) == cls.Options()  # no options: the defaults, which validate
+    # mfkd's defaults, as documented (docs/methods/offline.md, METHODS.md section 4)
+    assert dataclasses.asdict(MFKDOptions()) == {
+        "ce_weight": 1.0, "kd_weight": 1.0, "feat_weight": 50.0, "temperature": 4.0, "taps": None, "align": "pool",
+        "fusion": "concat", "fusion_epochs": None, "fusion_stage_student": "ce_kd"}
+    assert build_options(METHODS.get("mfkd"), {"feat_weight": 10, "taps": [0, -1]}, "mfkd") == MFKDOptions(
+        feat_weight=10.0, taps=[0, -1])
+    # a method built without options uses those defaults: taps first/middle/last of the teacher's 3 stages,
+    # a fusion stage of 10 % of the run (at least one epoch), a connector because feat_weight > 0
+    m = make("mfkd", epochs=30)
+    assert m.options == MFKDOptions() and m.taps == [0, 1, 2]
+    assert int(m.fusion_stage_epochs) == 3 and m.connector is not None
+    assert int(make("mfkd", epochs=4).fusion_stage_epochs) == 1

@@ -34,6 +34,7 @@ def installed(tmp_path_factory) -> Path:
     return target
 
 
+@pytest.mark.slow
 def test_installed_plugin_package_is_listed_and_trains(installed, tmp_path):
     path = f"{installed}{os.pathsep}{ROOT / 'src'}"
     r = _run(["list", "--json"], path, tmp_path)
@@ -90,6 +91,7 @@ class FileCE(NetDeployment, Method):
 '''
 
 
+@pytest.mark.slow
 def test_plugin_file_for_one_run_and_its_resume(tmp_path, capsys):
     (tmp_path / "my_method.py").write_text(MY_METHOD)
     src = str(ROOT / "src")

@@ -75,6 +75,7 @@ def _wait_for(what: str, ready, proc: subprocess.Popen, timeout: float = 120.0) 
 
 
 # ---------------------------------------------------------------------- 1. one compare per output folder
+@pytest.mark.slow
 def test_a_second_compare_on_the_same_out_is_refused_with_the_holder_named(tmp_path, capsys):
     out = tmp_path / "cmp"
     argv = ["compare", "--methods", "baseline", "--models", "resnet20", "--seeds", "0", "--out", str(out),
@@ -159,6 +160,7 @@ def _train_with_store(tmp_path: Path, uri: str, capsys) -> tuple[int, str, float
     return code, capsys.readouterr().err.strip().splitlines()[-1], time.monotonic() - t0
 
 
+@pytest.mark.slow
 def test_an_unreachable_tracking_server_is_refused_in_seconds(tmp_path, capsys, loopback_only):
     from fusionkd.engine.trackers.mlflow import PREFLIGHT_TIMEOUT_S
 
@@ -227,6 +229,7 @@ def _stop_after_first_epoch(tmp_path: Path, sig: int, extra: list[str]) -> tuple
     return proc, err, run
 
 
+@pytest.mark.slow
 def test_sigterm_stops_training_like_ctrl_c_and_the_run_resumes(tmp_path):
     mlflow = pytest.importorskip("mlflow")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -265,6 +268,7 @@ class _SignalsWhilePickled:
         return (int, (0,))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals need the main thread")
 def test_a_stop_during_a_checkpoint_write_waits_for_the_write_to_end(tmp_path):
     import torch

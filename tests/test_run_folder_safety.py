@@ -333,3 +333,19 @@ def test_a_cifar_stem_network_on_large_images_gets_a_warning(tmp_path, caplog):
               dataset_options={"num_classes": 2, "in_chans": 1, "train_size": 8, "test_size": 4})
     warned = [r.getMessage() for r in caplog.records if "CIFAR stem" in r.getMessage()]
     assert len(warned) == 1 and "last map is 32x32 where an ImageNet-stem network's is 4x4" in warned[0]
+
+
+def test_a_folder_being_marked_by_another_process_is_reported_as_in_use(tmp_path):
+    """Two runs of one name started together: the second used to see the first's half-written marker and
+    call the folder 'not a run folder fusionkd made' instead of naming the process that holds it."""
+    from fusionkd.engine.rundir import RunLock, RunLockedError
+    from fusionkd.engine.trainer import Trainer
+
+    d = tmp_path / "runs" / "r"
+    cfg = resolve_config({**TINY, "out_dir": str(tmp_path / "runs"), "name": "r"})
+    with RunLock(d):
+        (d / f".{MARKER_NAME}.abc123.tmp").write_text("{}")  # the first process, inside mark()
+        trainer = Trainer(cfg)  # the early check lets it through to the lock...
+        with pytest.raises(RunLockedError, match="in use by another fusionkd process"):
+            trainer.fit()  # ...which names the holder
+    assert (d / f".{MARKER_NAME}.abc123.tmp").exists()

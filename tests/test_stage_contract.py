@@ -209,6 +209,7 @@ def test_at_reads_raw_maps_on_request():
         ATOptions(maps="pre").validate()
 
 
+@pytest.mark.slow  # torch.compile: ~5 s
 def test_compiled_wrn_matches_eager():
     """``compile=true`` on a WRN: the stages that take the shared activation run compiled and give the
     eager logits and gradients."""

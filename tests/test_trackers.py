@@ -59,6 +59,7 @@ def test_callbacks_are_called_in_order_and_can_stop_a_run(tmp_path):
     assert done.summary["finished"] and len((cfg2.run_dir / "metrics.jsonl").read_text().splitlines()) == 3
 
 
+@pytest.mark.slow
 def test_mlflow_store_read_back(tmp_path):
     mlflow = pytest.importorskip("mlflow")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from fusionkd.cli import main
+from fusionkd.engine.checkpoint import load_checkpoint
 from fusionkd.engine.config import ConfigError, load_yaml, resolve_config
 
 optuna = pytest.importorskip("optuna")
@@ -69,18 +70,47 @@ def _tune_cmd(out: Path, trials: int, *extra: str) -> list[str]:
             *extra]
 
 
+#: ``fusionkd tune`` that hangs (until killed) right after trial 1 finished its first epoch (its last.pt written)
+HANG_IN_TRIAL_1 = r"""
+import os, sys, threading
+import fusionkd.tune as T
+from fusionkd.cli import main
+
+ready = sys.argv[1]
+real = T.PruningCallback.on_epoch_end
+
+
+def on_epoch_end(self, metrics):
+    real(self, metrics)
+    if self.trial.number == 1 and metrics["epoch"] == 1:
+        with open(ready + ".tmp", "w") as f:
+            f.write("trial 1, epoch 1")
+        os.replace(ready + ".tmp", ready)
+        threading.Event().wait()
+
+
+T.PruningCallback.on_epoch_end = on_epoch_end
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
 def test_study_resumes_from_sqlite_after_a_kill(tmp_path, capsys):
     out = tmp_path / "study"
+    ready = tmp_path / "ready"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(_tune_cmd(out, 3, "epochs=3"), env=env, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    # kill it while trial 1 trains (trial 0 finished: its summary exists; trial 1 has a finished epoch)
-    deadline = time.time() + 240
-    while time.time() < deadline and not (out / "trials" / "trial-0001" / "last.pt").exists():
+    proc = subprocess.Popen([sys.executable, "-c", HANG_IN_TRIAL_1, str(ready), *_tune_cmd(out, 3, "epochs=3")[3:]],
+                            env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # kill it while trial 1 trains: a known state (trial 0 finished; trial 1 finished epoch 1 and hangs there),
+    # waited for on the file it writes; the deadline only guards against a hang
+    deadline = time.monotonic() + 300
+    while not ready.exists():
         assert proc.poll() is None, proc.stdout.read()
-        time.sleep(0.2)
+        assert time.monotonic() < deadline, "trial 1 did not reach its first epoch's end"
+        time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert load_checkpoint(out / "trials" / "trial-0001" / "last.pt")["epoch"] == 1
     assert (out / "trials" / "trial-0000" / "summary.json").is_file()
     storage = f"sqlite:///{out / 'study.db'}"
     study = optuna.load_study(study_name="study", storage=storage)

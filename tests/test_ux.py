@@ -55,6 +55,7 @@ def run_in_pty(argv: list[str], cwd: Path, timeout: float = 240.0) -> tuple[int,
 
 
 # ---------------------------------------------------------------------- progress on a terminal
+@pytest.mark.slow
 def test_bar_shows_mid_epoch_on_a_terminal_at_default_settings(tmp_path):
     rc, out = run_in_pty(["train", *TINY_ARGS, "--out-dir", str(tmp_path), "name=pty"], tmp_path)
     assert rc == 0, out
@@ -66,6 +67,7 @@ def test_bar_shows_mid_epoch_on_a_terminal_at_default_settings(tmp_path):
     assert "test" in out and "best epoch" in out  # the result table at the end
 
 
+@pytest.mark.slow
 def test_compare_live_lines_on_a_terminal(tmp_path):
     rc, out = run_in_pty(["compare", "--methods", "baseline", "--seeds", "0,1", "--workers", "2", "--threads",
                           "1", "--out", str(tmp_path / "cmp"), *[a for a in TINY_ARGS if a != "threads=1"]], tmp_path,
@@ -130,6 +132,7 @@ def test_cli_stop_after_is_said_once_and_finished_resume_says_so(tmp_path, capsy
     assert "already finished" in text and "resumed" not in text
 
 
+@pytest.mark.slow
 def test_export_writes_onnx_only_when_asked(tmp_path, capsys):
     r = fusionkd.train(**TINY, out_dir=str(tmp_path), name="e", progress="none")
     assert main(["export", str(r.run_dir / "best.pt"), "--out", str(tmp_path / "plain.pt2")]) == 0
@@ -144,6 +147,7 @@ def test_export_writes_onnx_only_when_asked(tmp_path, capsys):
     assert header.split()[1:] == ["0", "1", "2", "3"]
 
 
+@pytest.mark.slow
 def test_api_logs_at_info_when_nothing_is_configured(tmp_path):
     code = ("import fusionkd; fusionkd.train(method='baseline', dataset='synthetic', image_size=16, "
             "val_fraction=0.25, batch_size=16, epochs=1, threads=1, out_dir=%r, name='api', progress='log', "

@@ -432,6 +432,9 @@ def resolve_config(
 
     if isinstance(method_name, str) and method_name in METHODS:
         recipe = dict(getattr(METHODS.get(method_name), "recipe", {}) or {})
+    if user.get("optimizer", recipe.get("optimizer", Config.optimizer)) != "sgd":
+        # a recipe's SGD settings (FFL's Nesterov momentum) belong to SGD: the user's optimizer wins over them
+        recipe = {k: v for k, v in recipe.items() if k not in ("nesterov", "momentum")}
     cfg = build_dataclass(Config, deep_merge(nest(recipe), user))
     validate(cfg)
     check_files(cfg)

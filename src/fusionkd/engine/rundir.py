@@ -263,6 +263,8 @@ def claim_problem(run_dir: Path, *, overwrite: bool) -> str | None:
         return f"run folder {str(d)!r} cannot be read ({e.strerror or e}); choose another name=/out_dir="
     if not entries:
         return None
+    if not is_marked(d) and all(_TEMP.match(n) and n.startswith(f".{MARKER_NAME}.") for n in entries):
+        return None  # another process is marking it right now (its lock will say so) or a stop left the temp
     if not is_marked(d):
         legacy = has_finished_epoch(d) or (d / "config.yaml").is_file()
         hint = (" It looks like a run folder from a fusionkd before run folders were marked: continue it with "
