@@ -20,7 +20,9 @@ folder, so nothing else has to be edited.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -124,12 +126,24 @@ class Method(nn.Module):
             the ``options:`` section of the config and rejects unknown keys and wrong types.
         needs_teacher: offline methods set this; the engine then loads ``--teacher`` into
             ``ctx.teacher`` and checks that it matches the data.
+        recipe_epochs: length, in epochs, of the published training recipe that the method's default
+            options (loss weights, temperatures, ramp-ups) were set for, e.g. 200 for FRSKD (CIFAR-100),
+            300 for FFL; ``None`` when the defaults come from no published recipe (``baseline``, our own
+            design choices). A run shorter than :data:`SHORT_RUN_FRACTION` of it gets one warning at its
+            start (:meth:`warn_short_run`).
+        recipe_options: the options whose defaults that recipe fixed (they are named in the warning, and
+            a user who sets any of them gets no warning); ``None``: every float-typed option.
+        short_run_advice: what was measured for short runs (settings, where), appended to the warning;
+            ``{epochs}`` in it becomes the run's length.
     """
 
     name: ClassVar[str] = ""
     family: ClassVar[str] = "baseline"
     Options: ClassVar[type] = NoOptions
     needs_teacher: ClassVar[bool] = False
+    recipe_epochs: ClassVar[int | None] = None
+    recipe_options: ClassVar[tuple[str, ...] | None] = None
+    short_run_advice: ClassVar[str] = ""
 
     def __init__(self, ctx: MethodContext, options: Any = None) -> None:
         super().__init__()
@@ -186,6 +200,17 @@ class Method(nn.Module):
         """``training_step``: the engine calls the method (or its DDP wrapper) like a module."""
         return self.training_step(images, labels, epoch)
 
+    def warn_short_run(self, epochs: int, user_options: Mapping[str, Any] | None,
+                       first_start: bool = True) -> str | None:
+        """Log (once, at the start of a new run: ``first_start``) :func:`short_run_warning` when this run is
+        much shorter than the recipe the method's defaults were published for; returns the message."""
+        if not first_start:
+            return None
+        message = short_run_warning(type(self), epochs, user_options)
+        if message:
+            log.warning(message)
+        return message
+
     # ----------------------------------------------------------------- helpers
     def freeze(self, module: nn.Module) -> nn.Module:
         """Freeze ``module``: no gradients, always in eval mode (BN statistics never change)."""
@@ -201,6 +226,57 @@ class Method(nn.Module):
         for m in self._frozen:
             m.eval()
         return self
+
+
+#: a run is "much shorter" than a method's recipe when ``epochs < SHORT_RUN_FRACTION * recipe_epochs``
+#: (under 50 of FRSKD's 200 epochs, under 75 of FFL's 300): a recipe's loss weights and schedules are set
+#: for its full length, and a quarter of it is a different training regime (FRSKD's alpha=2/beta=100 lost
+#: 12 points to plain training in 8 epochs, see docs/methods/self.md "Short runs").
+SHORT_RUN_FRACTION = 0.25
+
+
+def recipe_option_names(method_cls: type[Method]) -> tuple[str, ...]:
+    """The options that ``method_cls``'s recipe fixed: ``recipe_options``, or else every option whose type
+    is ``float`` (loss weights, temperatures, ramp lengths; not counts, switches or names)."""
+    if method_cls.recipe_options is not None:
+        return tuple(method_cls.recipe_options)
+    if not dataclasses.is_dataclass(method_cls.Options):
+        return ()
+    names = []
+    for f in dataclasses.fields(method_cls.Options):
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        if "float" in kind:
+            names.append(f.name)
+    return tuple(names)
+
+
+def _short(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def short_run_warning(method_cls: type[Method], epochs: int, user_options: Mapping[str, Any] | None) -> str | None:
+    """The warning for a run of ``epochs`` with ``method_cls``'s defaults, or ``None`` when there is nothing to say.
+
+    ``None`` when the method declares no ``recipe_epochs``, when the run is at least
+    :data:`SHORT_RUN_FRACTION` of it, or when ``user_options`` (the ``options:`` the user gave, before
+    defaults are filled in) sets any of :func:`recipe_option_names`.
+    """
+    recipe = method_cls.recipe_epochs
+    if not recipe or epochs >= SHORT_RUN_FRACTION * recipe:
+        return None
+    names = recipe_option_names(method_cls)
+    given = set(user_options or {})
+    if not names or given & set(names):
+        return None
+    defaults = method_cls.Options()
+    shown = " ".join(f"{n}={_short(getattr(defaults, n))}" for n in names)
+    advice = method_cls.short_run_advice.format(epochs=epochs) or (
+        "No setting for short runs has been measured for it: compare it with `baseline` on a validation split, "
+        "or set these options yourself."
+    )
+    name = method_cls.name or method_cls.__name__
+    return (f"{name}'s defaults ({shown}) were published for a {recipe}-epoch schedule; this run has {epochs} "
+            f"(less than {SHORT_RUN_FRACTION:.0%} of it). {advice}")
 
 
 def count_parameters(module: nn.Module) -> int:

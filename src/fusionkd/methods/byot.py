@@ -15,7 +15,8 @@ with ``i`` over the branches, ``z`` logits and ``f`` the pooled vectors that ent
 KL(q^i, q^C) + lambda ||F_i - F_C||^2]``: the sum runs over every classifier including the deepest one
 (``i = C``, whose KL and feature terms vanish), so the deepest CE carries ``1 - alpha`` too, and the KL has
 no ``T^2`` factor. Where the code people run differs, we follow the paper (the spec's equation, and the
-only statement of the method that its authors published for this version); the differences are options:
+only statement of the method that its authors published for this version); the differences are options
+(all but the last, which options reach only in part):
 
 * the authors' own release (``ArchipLab-LinfengZhang/pytorch-self-distillation-final``, the journal
   version) weighs the deepest CE by 1 (``deep_ce_weight=1``), uses the soft-target cross-entropy (same
@@ -23,7 +24,14 @@ only statement of the method that its authors published for this version); the d
   feature term (``feature_weight=0``);
 * the widely used third-party re-implementation (``luanyunteng/pytorch-be-your-own-teacher``) multiplies
   the soft-target term by ``T^2`` (``t_squared=true``: x9 at T = 3) and sums a masked squared feature
-  difference over the batch.
+  difference over the batch;
+* Self-KD-Lib (``winycg/Self-KD-Lib``, ``methods/byot.py``) is reachable **only as half of it**: its loss
+  is ``sum over every head of CE + sum_i T^2 KL(softmax(z_L / T) || softmax(z_i / T))`` (T = 4, every weight
+  1) ``+ 0.05 * sum_i mean((F_i - F_L.detach())^2)`` over the unpooled last maps. A branch's CE and KL
+  weights here are ``1 - alpha`` and ``alpha``, summing to 1, so ``alpha=0.5 t_squared=true temperature=4
+  feature_weight=0`` gives exactly half its CE + KD terms (with SGD, ``lr`` x 2 and ``weight_decay`` / 2
+  give the same updates as the full terms); its feature term (on 4-D maps) and its branches (copies of the
+  ResNet's own later layers) have no counterpart.
 
 Branch layout (the released code's ``branchBottleNeck``, built here from ``stage_info``): 1x1 conv
 (C_i -> D/4) BN ReLU -> k x k conv stride k (down to the deepest map's H x W) BN ReLU -> 1x1 conv
@@ -222,6 +230,7 @@ class BranchedSelfMethod(NetDeployment, Method):
 @register_method("byot", "Be Your Own Teacher: a classifier branch after each stage, the deepest head teaches")
 class BYOT(BranchedSelfMethod):
     """Be Your Own Teacher (Zhang et al., ICCV 2019); see the module docstring for the loss."""
+    recipe_epochs = 200  #: CIFAR-100, as the re-implementation with these alpha/lambda (authors' release: 250)
 
     Options = BYOTOptions
 

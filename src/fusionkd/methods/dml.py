@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .base import Method, MethodContext, register_method
 from .losses import kl_div
-from .peers import BestPeerDeployment, PeerNetworks, resolve_peer_names
+from .peers import BestPeerDeployment, PeerNetworks, check_peer_count, resolve_peer_names
 
 
 def mutual_kl(logits: Sequence[torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
@@ -65,6 +65,7 @@ def dml_loss(logits: Sequence[torch.Tensor], labels: torch.Tensor, temperature: 
 
 @register_method("dml", "Deep Mutual Learning: m peers, each CE + mean KL towards the others")
 class DML(BestPeerDeployment, Method):
+    recipe_epochs = 200  #: the paper's CIFAR-100 schedule (T=1): 200 epochs, x0.1 every 60
     family = "online"
     accepts_models = True
 
@@ -72,13 +73,12 @@ class DML(BestPeerDeployment, Method):
     class Options:
         """Options of ``dml``."""
 
-        peers: int | None = None  #: number of peers (default 2, or the length of ``models``)
+        peers: int | None = None  #: number of peers, 2 to 16 (default 2, or the length of ``models``)
         temperature: float = 1.0  #: T of the peer KL terms (1 in the paper)
         batched_peers: bool = False  #: run same-architecture peers as one vmap-ed computation
 
         def validate(self) -> None:
-            if self.peers is not None and self.peers < 2:
-                raise ValueError(f"peers must be at least 2, got {self.peers}")
+            check_peer_count(self.peers, "peers")
             if self.temperature <= 0:
                 raise ValueError(f"temperature must be positive, got {self.temperature}")
 

@@ -39,7 +39,7 @@ from .base import Method, MethodContext, register_method
 from .fused_deploy import FusedDeployment, check_deploy
 from .fusion import FusionModule, ffl_rampup_epochs, fusion_mutual_loss
 from .losses import sigmoid_rampup
-from .peers import BestPeerDeployment, PeerNetworks, resolve_peer_names
+from .peers import BestPeerDeployment, PeerNetworks, check_peer_count, resolve_peer_names
 
 FFL_RECIPE: dict[str, Any] = {"nesterov": True, "weight_decay": 1e-4}
 
@@ -63,6 +63,7 @@ class FusionOnlineMethod(BestPeerDeployment, Method):
 
     family = "online"
     recipe: ClassVar[dict[str, Any]] = FFL_RECIPE
+    recipe_epochs = 300  #: the released code's 300 epochs (T=3, ramp-up over 80 of them); ffl_s and mfef too
     head_prefix: ClassVar[str] = "sub"
 
     peers: PeerNetworks
@@ -129,7 +130,7 @@ class FFL(FusedDeployment, FusionOnlineMethod):
     class Options:
         """Options of ``ffl``."""
 
-        peers: int | None = None  #: number of sub-networks (default 2, or the length of ``models``)
+        peers: int | None = None  #: number of sub-networks, 2 to 16 (default 2, or the length of ``models``)
         temperature: float = 3.0  #: T of the KL terms
         rampup_epochs: float | None = None  #: R of the sigmoid ramp-up (default 80/300 of the epochs)
         fusion_weight_decay: float = 1e-5  #: weight decay of the fusion module and fused classifier
@@ -137,8 +138,7 @@ class FFL(FusedDeployment, FusionOnlineMethod):
         deploy: str = "best_peer"  #: "best_peer" (one sub-network) or "fused" (all of them + the fusion module)
 
         def validate(self) -> None:
-            if self.peers is not None and self.peers < 2:
-                raise ValueError(f"peers must be at least 2, got {self.peers}")
+            check_peer_count(self.peers, "peers")
             _check_common(self.temperature, self.rampup_epochs, self.fusion_weight_decay)
             check_deploy("ffl", self.deploy, shared_trunk=False)
 
@@ -158,15 +158,14 @@ class FFLS(FusionOnlineMethod):
     class Options:
         """Options of ``ffl_s``."""
 
-        branches: int = 2  #: number of last-stage branches m (2 in the released code)
+        branches: int = 2  #: number of last-stage branches m, 2 to 16 (2 in the released code)
         temperature: float = 3.0  #: T of the KL terms
         rampup_epochs: float | None = None  #: R of the sigmoid ramp-up (default 80/300 of the epochs)
         fusion_weight_decay: float = 1e-5  #: weight decay of the fusion module and fused classifier
         batched_peers: bool = False  #: run the branches as one vmap-ed computation
 
         def validate(self) -> None:
-            if self.branches < 2:
-                raise ValueError(f"branches must be at least 2, got {self.branches}")
+            check_peer_count(self.branches, "branches")
             _check_common(self.temperature, self.rampup_epochs, self.fusion_weight_decay)
 
     def __init__(self, ctx: MethodContext, options: Options | None = None) -> None:

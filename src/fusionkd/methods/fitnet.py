@@ -8,9 +8,14 @@ and the student minimises the squared distance to it:
 
 Our choices, as in RepDistiller (Tian et al., ICLR 2020), whose CIFAR-100 FitNet rows are the usual
 reference: beta = 100, gamma = 1, one joint stage (RepDistiller, too, trains the regressor together with
-the student instead of the paper's separate hint-pretraining stage), and the **middle** stage of each
-network as guided/hint layer (RepDistiller's ``hint_layer=2``: the second of three CIFAR ResNet stages);
-``student_stage`` / ``teacher_stage`` pick others. When the two maps differ in size, the connector's
+the student instead of the paper's separate hint-pretraining stage), and the **middle** stage ``n // 2``
+of each network as guided/hint layer; ``student_stage`` / ``teacher_stage`` pick others. RepDistiller's
+``hint_layer=2`` (mdistiller's ``HINT_LAYER = 2``) takes ``f2`` of both networks' feature lists. That is
+the middle stage on the 3-stage CIFAR ResNets and WRNs (``f0`` is the stem, ``f2`` our stage 1) and on
+VGG (``f0`` is block 0 = our stage 0, ``f2`` our stage 2), but **not** on the 4-stage MobileNetV2 and
+ResNet-18/50, where ``f0`` is the stem, ``f2`` our stage 1 and ``n // 2 = 2``: ``student_stage=1`` (and
+``teacher_stage=1`` for a ResNet-18/50 teacher) gives RepDistiller's pair there
+(docs/methods/offline.md). When the two maps differ in size, the connector's
 output is resized to the teacher map (average pooling down, bilinear up). ``kd_weight > 0`` adds Hinton
 KD (off by default, as in RepDistiller's FitNet runs). Heads: ``net``. Deploy: the student.
 """
@@ -68,6 +73,7 @@ hint_loss = feature_mse
 @register_method("fitnet", "FitNets: hint MSE from a teacher stage through a 1x1 conv-BN connector (+CE)")
 class FitNet(OfflineMethod):
     """FitNets hints: a connector regresses the teacher's middle-stage map from the student's."""
+    recipe_epochs = 240  #: RepDistiller's CIFAR-100 schedule, whose hint weight (beta=100) is the default
 
     Options = FitNetOptions
 

@@ -130,6 +130,7 @@ class FMFSDOutputs:
 @register_method("fmfsd", "FMFSD: BYOT-style branches + spatial-attention feature-map fusion (our design reading)")
 class FMFSD(BranchedSelfMethod):
     """Feature-map fusion self-distillation (Qin et al. 2025), our reading; see the module docstring."""
+    recipe_epochs = None  #: its defaults are our design, checked at 10 epochs (docs/methods/self.md): no recipe
 
     Options = FMFSDOptions
 

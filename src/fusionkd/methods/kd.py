@@ -66,6 +66,7 @@ def kd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
 @register_method("kd", "Hinton KD from a pre-trained teacher: 0.1*CE + 0.9*T^2*KL, T=4")
 class KD(OfflineMethod):
     """Hinton KD: the student learns from the labels and the teacher's softened probabilities."""
+    recipe_epochs = 240  #: RepDistiller's CIFAR-100 schedule, whose gamma/alpha/T these defaults are
 
     Options = KDOptions
 

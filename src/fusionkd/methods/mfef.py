@@ -37,7 +37,7 @@ from .dml import mutual_kl
 from .ffl import FusionOnlineMethod, _check_common
 from .fused_deploy import FusedDeployment, check_deploy
 from .fusion import fusion_mutual_loss
-from .peers import PeerNetworks, resolve_peer_names
+from .peers import PeerNetworks, check_peer_count, resolve_peer_names
 
 MODES = ("hierarchical", "pyramid")
 
@@ -148,7 +148,7 @@ class MFEF(FusedDeployment, FusionOnlineMethod):
     class Options:
         """Options of ``mfef``."""
 
-        students: int | None = None  #: number of students (default 2, or the length of ``models``)
+        students: int | None = None  #: number of students, 2 to 16 (default 2, or the length of ``models``)
         shared_trunk: bool = False  #: share all stages but the last (FFL-S layout)
         scales: int = 4  #: channel groups s of the multi-scale extraction
         mode: str = "hierarchical"  #: "hierarchical" (y_j sees y_{j-1}) or "pyramid" (kernels 3, 5, 7, 9)
@@ -162,8 +162,7 @@ class MFEF(FusedDeployment, FusionOnlineMethod):
 
         def validate(self) -> None:
             check_deploy("mfef", self.deploy, shared_trunk=self.shared_trunk)
-            if self.students is not None and self.students < 2:
-                raise ValueError(f"students must be at least 2, got {self.students}")
+            check_peer_count(self.students, "students")
             if self.mode not in MODES:
                 raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
             if self.scales < 2:

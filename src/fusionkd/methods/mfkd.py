@@ -197,6 +197,7 @@ feature_loss = feature_mse
 @register_method("mfkd", "multi-layer fusion KD: fused teacher stage maps (front/middle/deep) teach the student")
 class MFKD(OfflineMethod):
     """MFKD: a fusion module (trained first, then frozen) turns the teacher's stage maps into the target."""
+    recipe_epochs = None  #: its defaults are our design (the paper's text was not available): no recipe
 
     Options = MFKDOptions
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from .base import Method, MethodContext, register_method
 from .losses import kl_div, sigmoid_rampup
-from .peers import BestPeerDeployment, PeerNetworks
+from .peers import BestPeerDeployment, PeerNetworks, check_peer_count
 
 
 class BranchGate(nn.Module):
@@ -80,20 +80,20 @@ def one_loss(branch_logits: Sequence[torch.Tensor], teacher_logits: torch.Tensor
 
 @register_method("one", "On-the-fly Native Ensemble: shared trunk, m branches taught by their gated ensemble")
 class ONE(BestPeerDeployment, Method):
+    recipe_epochs = 300  #: the paper's CIFAR schedule (T=3): 300 epochs, x0.1 at 150 and 225
     family = "online"
 
     @dataclass
     class Options:
         """Options of ``one``."""
 
-        branches: int = 3  #: number of branches m (3 in the paper's CIFAR experiments)
+        branches: int = 3  #: number of branches m, 2 to 16 (3 in the paper's CIFAR experiments)
         temperature: float = 3.0  #: T of the KL terms
         rampup_epochs: float = 0.0  #: R of a sigmoid ramp-up of the KL weight (0: none, as in METHODS.md)
         batched_peers: bool = False  #: run the branches as one vmap-ed computation
 
         def validate(self) -> None:
-            if self.branches < 2:
-                raise ValueError(f"branches must be at least 2, got {self.branches}")
+            check_peer_count(self.branches, "branches")
             if self.temperature <= 0:
                 raise ValueError(f"temperature must be positive, got {self.temperature}")
             if self.rampup_epochs < 0:
