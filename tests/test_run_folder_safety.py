@@ -349,3 +349,19 @@ def test_a_folder_being_marked_by_another_process_is_reported_as_in_use(tmp_path
         with pytest.raises(RunLockedError, match="in use by another fusionkd process"):
             trainer.fit()  # ...which names the holder
     assert (d / f".{MARKER_NAME}.abc123.tmp").exists()
+
+
+def test_a_link_to_a_fusionkd_run_folder_is_followed(tmp_path):
+    # the protocol script shares baseline runs between families by symlink: allowed, since the link leads to a
+    # run folder fusionkd made; a link to anything else stays refused
+    shared = tmp_path / "shared"
+    train(shared, "base")
+    out = tmp_path / "family"
+    out.mkdir()
+    (out / "base").symlink_to(shared / "base", target_is_directory=True)
+    cfg = resolve_config({**TINY, "out_dir": str(out), "name": "base"})
+    assert cfg.run_dir.resolve() == (shared / "base").resolve()
+    (shared / "plain").mkdir()
+    (out / "plain").symlink_to(shared / "plain", target_is_directory=True)
+    with pytest.raises(ConfigError, match="leads outside out_dir"):
+        resolve_config({**TINY, "out_dir": str(out), "name": "plain"})

@@ -239,7 +239,10 @@ def check_run_name(cfg: Config) -> None:
     # a symlink inside out_dir could still lead elsewhere: compare where the two really are
     out = Path(cfg.out_dir).expanduser().resolve()
     real = (Path(cfg.out_dir).expanduser() / cfg.name).resolve()
-    if not real.is_relative_to(out):
+    from .rundir import is_marked  # (here: rundir imports this module)
+
+    # a link to a run folder fusionkd made (compare's shared baseline runs) leads to fusionkd's own files
+    if not real.is_relative_to(out) and not is_marked(real):
         raise ConfigError(
             f"name={cfg.name!r} leads outside out_dir={cfg.out_dir!r}: {Path(cfg.out_dir) / cfg.name} resolves to "
             f"{real} (a symbolic link on the way). Run folders stay inside out_dir; to write there, set "
