@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .engine.config import Config, ConfigError
+from .engine.config import Config
 
 log = logging.getLogger("fusionkd")
 
@@ -431,10 +431,7 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace, names: list[str]) -> int:
     """Run the subcommand; a refusal is one line and exit code 2, a stop (Ctrl-C, SIGTERM, SIGHUP) a
     message saying how to continue and exit code 130 (Ctrl-C) or 128 + the signal's number."""
-    from .data import DataFormatError, DatasetNotFoundError, DownloadError
-    from .engine.checkpoint import CheckpointError, StorageError
-    from .engine.trainer import NonFiniteLossError
-    from .registry import UnknownNameError
+    from .errors import FusionKDError
 
     try:
         if args.command == "train":
@@ -448,8 +445,9 @@ def _dispatch(args: argparse.Namespace, names: list[str]) -> int:
         if args.command == "list":
             return cmd_list(args)
         return args.func(args)
-    except (ConfigError, CheckpointError, UnknownNameError, NonFiniteLossError, DataFormatError, DatasetNotFoundError,
-            DownloadError, StorageError, ValueError, FileNotFoundError, PermissionError) as e:
+    # every refusal fusionkd makes (the root of fusionkd.errors), and the builtin errors a library below raises
+    # for bad input (a value torch or PIL refuses, a file that is not there or not readable)
+    except (FusionKDError, ValueError, FileNotFoundError, PermissionError) as e:
         print(f"fusionkd {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:

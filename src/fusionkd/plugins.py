@@ -35,7 +35,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .engine.config import ConfigError
+from .errors import PluginError
 
 log = logging.getLogger("fusionkd")
 
@@ -46,10 +46,6 @@ _loaded_entry_points = False
 _loaded_files: dict[str, types.ModuleType] = {}
 #: set by :func:`importing_for`: why plug-in files are being imported now (announced before each import)
 _purpose: str | None = None
-
-
-class PluginError(ConfigError):
-    """A plug-in file or entry point that cannot be used; the message says which and why."""
 
 
 def _registries():

@@ -7,14 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from .errors import UnknownNameError
+
 T = TypeVar("T")
-
-
-class UnknownNameError(KeyError):
-    """Raised for a name that is not registered; the message lists what is accepted."""
-
-    def __str__(self) -> str:  # KeyError quotes its argument; we want the plain sentence
-        return str(self.args[0])
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ from ..engine.config import (
     validate,
 )
 from ..engine.rundir import LOCK_NAME, RunLock, RunLockedError, is_marked
+from ..errors import CompareLockedError
 from ..methods import METHODS
 from ..models import MODELS
 from ..registry import UnknownNameError
@@ -612,10 +613,6 @@ class GridRunner:
     def _remaining(self) -> int:
         failed = sum(1 for f in self.failures if not f.label.startswith("[teacher"))
         return self.total_runs - self.finished - failed
-
-
-class CompareLockedError(RunLockedError):
-    """Another live ``compare`` holds the output folder; the message names it (a ConfigError: exit code 2)."""
 
 
 def _holder(out: Path) -> str:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import DatasetNotFoundError
 from ..registry import Registry
 from . import download as dl
 from .formats import (
@@ -68,10 +69,6 @@ __all__ = [
     "load_dataset",
     "register_dataset",
 ]
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """The dataset's files are in none of the places searched; the message lists them and says what to do."""
 
 
 # ------------------------------------------------------------------------------------ containers

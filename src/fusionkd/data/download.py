@@ -17,14 +17,12 @@ import urllib.request
 from pathlib import Path, PurePosixPath
 from typing import IO
 
+from ..errors import DownloadError
+
 logger = logging.getLogger(__name__)
 
 #: Seconds before a connection attempt (or a stalled read) is abandoned.
 TIMEOUT_S = 10.0
-
-
-class DownloadError(RuntimeError):
-    """Fetching, verifying or extracting an archive failed; the message says what to do instead."""
 
 
 def open_url(url: str, timeout: float) -> IO[bytes]:

@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import DataFormatError
+
 logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------- IDX
@@ -51,10 +53,6 @@ IDX_DTYPES: dict[int, np.dtype] = {
     0x0D: np.dtype(">f4"),
     0x0E: np.dtype(">f8"),
 }
-
-
-class DataFormatError(ValueError):
-    """A data file exists but is not in the expected format (corrupt, truncated, wrong file)."""
 
 
 def _read_maybe_gzip(path: Path) -> bytes:

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import StoreError, StoreMismatchError
 from .formats import DataFormatError, ImageFile, decode_image, file_kind, open_regular
 
 logger = logging.getLogger(__name__)
@@ -61,14 +62,6 @@ __all__ = [
     "prepare_store",
     "store_lock",
 ]
-
-
-class StoreError(DataFormatError):
-    """A store folder that cannot be read: unfinished, truncated, missing a shard, corrupt."""
-
-
-class StoreMismatchError(StoreError):
-    """A store built from other data or at another resolution than the run asks for."""
 
 
 ProgressFn = Callable[[int, int], None]

@@ -26,20 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import CheckpointError, StorageError
+
 FORMAT = "fusionkd-checkpoint"
 VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A file that is not a usable fusionkd checkpoint."""
-
-
-class StorageError(OSError):
-    """A file of a run could not be written (disk full, read-only or permission denied); the message says
-    which file, why, and that the previous version of it is intact."""
-
-    def __str__(self) -> str:  # the sentence only, without OSError's "[Errno N] ...: 'filename'" decoration
-        return str(self.strerror)
 
 
 _WRITE_HINT = {

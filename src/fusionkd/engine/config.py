@@ -19,9 +19,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message says what is wrong and what is accepted."""
+from ..errors import ConfigError
 
 
 @dataclass

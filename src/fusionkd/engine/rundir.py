@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..errors import RunLockedError
 from .checkpoint import StorageError, storage_error
-from .config import ConfigError
 
 try:
     import fcntl
@@ -49,10 +49,6 @@ RUN_SUBDIRS = frozenset({"tb"})
 #: an interrupted atomic write of one of RUN_FILES: ``.NAME.XXXXXXXX.tmp`` (tempfile.mkstemp's pattern)
 _RUN_FILE_ALTERNATIVES = "|".join(re.escape(n) for n in sorted(RUN_FILES))
 _TEMP = re.compile(rf"^\.({_RUN_FILE_ALTERNATIVES})\.[A-Za-z0-9_]+\.tmp$")
-
-
-class RunLockedError(ConfigError):
-    """Another live process holds the run folder's lock; the message names it."""
 
 
 class RunLock:

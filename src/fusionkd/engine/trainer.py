@@ -37,6 +37,7 @@ from torch import nn
 from .. import __version__
 from ..data import DataFormatError, DatasetInfo, DatasetNotFoundError, DataSplits, DeviceLoader, load_dataset
 from ..data.store_loader import make_loader
+from ..errors import NonFiniteLossError
 from ..methods import METHODS, Method, MethodContext, Teacher, count_parameters
 from ..models import WeightsError
 from . import distributed as D
@@ -79,10 +80,6 @@ log = logging.getLogger("fusionkd")
 #: options that may differ when a run is resumed (everything else must match the checkpoint)
 RESUME_MUTABLE = {"epochs", "progress", "log_every", "threads", "eval_batch_size", "tensorboard", "device",
                   "eval_test", "tracker", "tracker_uri", "tracker_experiment"}
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 @dataclass

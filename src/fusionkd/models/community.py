@@ -37,10 +37,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import WeightsError
 from .mobilenetv2 import MobileNetV2
 from .resnet import Bottleneck, ResNet
 from .vgg import VGG, VGG_CONFIGS
-from .weights import WeightsError
 from .wrn import WideResNet
 
 SOURCE = "RepDistiller's"

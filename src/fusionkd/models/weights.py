@@ -35,15 +35,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import WeightsError
+
 log = logging.getLogger("fusionkd")
 
 #: file name endings that ``weights=`` accepts (``.pth.tar``: PyTorch's ImageNet example and many papers' code)
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".pth.tar")
 _WRAPPERS = ("state_dict", "model", "model_state_dict", "net", "module")
-
-
-class WeightsError(ValueError):
-    """A weights file that cannot be read, or does not fit the network; the message names the keys."""
 
 
 @dataclass

@@ -10,11 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError
-
-
-class TrackerError(ConfigError):
-    """A tracker that cannot start (missing package, unusable store); raised before training starts."""
+from ...errors import TrackerError
 
 
 class Callback:
