@@ -7,10 +7,9 @@ Quick start::
     print(result.best_test_accuracy, result.run_dir)
 """
 
-__version__ = "0.1.0"
-
 from .api import evaluate_checkpoint, export_checkpoint, list_registered, predict, resume, train  # noqa: E402
 from .errors import FusionKDError  # noqa: E402
+from .version import __version__  # noqa: E402
 
 __all__ = ["__version__", "FusionKDError", "train", "resume", "evaluate_checkpoint", "export_checkpoint", "predict",
            "list_registered"]

@@ -37,7 +37,6 @@ from typing import Any
 
 import yaml
 
-from .. import __version__
 from ..engine.config import (
     Config,
     ConfigError,
@@ -52,6 +51,7 @@ from ..errors import CompareLockedError
 from ..methods import METHODS
 from ..models import MODELS
 from ..registry import UnknownNameError
+from ..version import __version__
 from .aggregate import flatten, load_run
 from .live import LiveBoard
 from .report import Failure, ReportFiles, write_report

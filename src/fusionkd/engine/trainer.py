@@ -34,12 +34,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import __version__
 from ..data import DataFormatError, DatasetInfo, DatasetNotFoundError, DataSplits, DeviceLoader, load_dataset
 from ..data.store_loader import make_loader
 from ..errors import NonFiniteLossError
 from ..methods import METHODS, Method, MethodContext, Teacher, count_parameters
 from ..models import WeightsError
+from ..version import __version__
 from . import distributed as D
 from .checkpoint import (
     FORMAT,
