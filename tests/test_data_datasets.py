@@ -223,7 +223,7 @@ def test_cinic10_layout_cache_reuse_and_invalidation(tmp_path, monkeypatch):
     def no_decoding(*a, **k):
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr(ds, "decode_images", no_decoding)
+    monkeypatch.setattr(ds.storage, "decode_images", no_decoding)  # where the image folders use it
     again = load_dataset("cinic10", root, cache_dir=cache)
     assert torch.equal(again.train.images, s.train.images)
     monkeypatch.undo()
@@ -244,8 +244,8 @@ def test_cinic10_default_cache_next_to_data_then_fallback(tmp_path, monkeypatch)
     # the data folder is read-only: the cache goes to $FUSIONKD_DATA/.cache
     root2 = tmp_path / "cinic2"
     write_png_tree(root2, {"train": 1, "valid": 1, "test": 1}, ds.CINIC10_CLASSES)
-    real_writable = ds.ArrayCache.save.__globals__["_writable_dir"]
-    monkeypatch.setitem(ds.ArrayCache.save.__globals__, "_writable_dir",
+    real_writable = ds.ArrayCache.save.__globals__["writable_dir"]
+    monkeypatch.setitem(ds.ArrayCache.save.__globals__, "writable_dir",
                         lambda p: False if str(p).startswith(str(root2)) else real_writable(p))
     load_dataset("cinic10", root2)
     assert any((Path(os.environ["FUSIONKD_DATA"]) / ".cache").iterdir())
@@ -347,7 +347,7 @@ def test_digits_without_sklearn(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_sklearn)
-    ds._digits_arrays.cache_clear()  # parsed once per process: forget an earlier load
+    ds.digits_arrays.cache_clear()  # parsed once per process: forget an earlier load
     with pytest.raises(ImportError, match="pip install scikit-learn"):
         load_dataset("digits")
 
@@ -365,7 +365,7 @@ def test_real_fashion_mnist(monkeypatch):
         calls.append((Path(images_path).name, Path(labels_path).name))
         return real(images_path, labels_path)
 
-    monkeypatch.setattr(ds, "read_idx_pair", spy)
+    monkeypatch.setattr(ds.fashion_mnist, "read_idx_pair", spy)  # where Fashion-MNIST uses it
     s = load_dataset("fashion-mnist", val_fraction=0)
     # each of the four files parsed once, in one vectorised read per pair (~0.8 s on an idle 2-core machine)
     assert calls == [("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),

@@ -100,7 +100,7 @@ def write_cifar100(root: Path, n_train: int = 200, n_test: int = 100) -> dict[st
 def isolated_data_root(tmp_path, monkeypatch):
     """Never look at ./data or a developer's $FUSIONKD_DATA, nor at the system Fashion-MNIST."""
     monkeypatch.setenv("FUSIONKD_DATA", str(tmp_path / "fusionkd-data"))
-    monkeypatch.setattr(ds, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "no-system-dir")
+    monkeypatch.setattr(ds.fashion_mnist, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "no-system-dir")
 
 
 # ------------------------------------------------------------------------------------------ IDX

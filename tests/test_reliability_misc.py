@@ -215,12 +215,13 @@ def _lines(path: Path) -> int:
 
 
 def _stop_after_first_epoch(tmp_path: Path, sig: int, extra: list[str]) -> tuple[subprocess.Popen, str, Path]:
-    """Start a 10-epoch training process, send it ``sig`` once epoch 1 is in metrics.jsonl."""
+    """Start a 10-epoch training process, send it ``sig`` once epoch 1 is finished: its ``last.pt`` is there
+    (the metrics line is written before ``last.pt``, so waiting on it alone races the checkpoint's write)."""
     run = tmp_path / "runs" / "s"
     proc = _fusionkd(["train", "--config", _yaml(tmp_path / "run.yaml", RUN), f"out_dir={tmp_path / 'runs'}",
                       "name=s", "epochs=10", *extra])
     try:
-        _wait_for("epoch 1's metrics", lambda: _lines(run / "metrics.jsonl") >= 1, proc)
+        _wait_for("epoch 1's last.pt", lambda: (run / "last.pt").is_file(), proc)
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
     finally:

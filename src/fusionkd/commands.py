@@ -267,7 +267,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         return 130
     paths = T.write_best(spec, study)
     best = T.best_settings(spec, study)
-    _say(f"best: trial {best['trial']}, val {best['val']:.2f} %: {T._fmt_params(best['values'])}")
+    _say(f"best: trial {best['trial']}, val {best['val']:.2f} %: {T.format_params(best['values'])}")
     _say(f"wrote {paths['train']} (fusionkd train --config) and {paths['compare']} (fusionkd compare --config)")
     confirmation = None
     if spec.confirm_seeds:

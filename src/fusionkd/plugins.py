@@ -4,7 +4,8 @@
   and ``fusionkd.datasets``. An entry point may name a module (importing it runs its ``@register_method`` /
   ``@register_model`` / ``@register_dataset`` decorators) or an object: a :class:`~fusionkd.methods.Method`
   subclass, or a model factory ``fn(num_classes, in_chans, **kw)``, which is registered under the entry
-  point's name. They are loaded once, when :mod:`fusionkd.methods` is first imported.
+  point's name. Each registry loads its own group once, on its first lookup (:mod:`fusionkd.registry`);
+  :func:`load_entry_points` loads them all now.
 * **A local file** for one run: ``plugins=[my_method.py]`` in a config (``fusionkd train --plugin
   my_method.py``; compare and tune take ``--plugin`` too). The file is imported before the config is
   validated; its absolute path is kept in ``config.yaml``, so ``--resume`` and compare's worker processes
@@ -25,24 +26,21 @@ each file's absolute path is logged *before* it is imported (``resuming RUN impo
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import importlib.util
-import inspect
 import logging
 import sys
 import types
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
 
 from .errors import PluginError
+from .registry import ENTRY_POINT_ERRORS, ENTRY_POINT_GROUPS, exit_text, mark_new, snapshot
 
 log = logging.getLogger("fusionkd")
 
-GROUPS = ("fusionkd.methods", "fusionkd.models", "fusionkd.datasets")
-#: entry points that could not be loaded: ``(group, name, error)``
-ERRORS: list[tuple[str, str, str]] = []
-_loaded_entry_points = False
+GROUPS = tuple(ENTRY_POINT_GROUPS.values())
+#: entry points that could not be loaded: ``(group, name, error)`` (the registries fill it)
+ERRORS: list[tuple[str, str, str]] = ENTRY_POINT_ERRORS
 _loaded_files: dict[str, types.ModuleType] = {}
 #: set by :func:`importing_for`: why plug-in files are being imported now (announced before each import)
 _purpose: str | None = None
@@ -54,43 +52,6 @@ def _registries():
     from .models import MODELS
 
     return {"fusionkd.methods": METHODS, "fusionkd.models": MODELS, "fusionkd.datasets": DATASETS}
-
-
-def _snapshot() -> dict[str, set[str]]:
-    return {g: set(r.names()) for g, r in _registries().items()}
-
-
-def _mark_new(before: dict[str, set[str]], source: str) -> list[str]:
-    new = []
-    for group, reg in _registries().items():
-        for name in reg.names():
-            if name not in before[group]:
-                reg.entry(name).extras.setdefault("source", source)
-                new.append(f"{group.split('.')[1][:-1]} {name}")
-    return new
-
-
-def _register_object(group: str, name: str, obj: Any) -> None:
-    """An entry point that names an object rather than a module: register it under ``name``."""
-    from .methods import Method, register_method
-    from .models import register_model
-
-    doc = (inspect.getdoc(obj) or "").split("\n", 1)[0]
-    if group == "fusionkd.methods":
-        if not (inspect.isclass(obj) and issubclass(obj, Method)):
-            raise PluginError(f"entry point {name!r} of fusionkd.methods must name a module or a Method subclass, "
-                              f"got {obj!r}")
-        if getattr(obj, "name", None) and obj.name in _registries()[group]:
-            return  # the class registered itself with @register_method when its module was imported
-        register_method(name, doc)(obj)
-    elif group == "fusionkd.models":
-        if not callable(obj):
-            raise PluginError(f"entry point {name!r} of fusionkd.models must name a module or a model factory")
-        if name not in _registries()[group]:
-            register_model(name, doc)(obj)
-    else:
-        raise PluginError(f"entry point {name!r} of fusionkd.datasets must name a module whose loaders use "
-                          "@register_dataset (a dataset needs its in_chans/image_size/num_classes)")
 
 
 @contextlib.contextmanager
@@ -106,37 +67,11 @@ def importing_for(purpose: str) -> Iterator[None]:
         _purpose = previous
 
 
-def _exit_text(e: SystemExit) -> str:
-    return f"called sys.exit({e.code!r}) while being imported (a plug-in must only define and register)"
-
-
 def load_entry_points(force: bool = False) -> None:
-    """Import every ``fusionkd.*`` entry point of the installed distributions (once)."""
-    global _loaded_entry_points
-    if _loaded_entry_points and not force:
-        return
-    _loaded_entry_points = True
+    """Import every ``fusionkd.*`` entry point of the installed distributions now (each registry does it
+    by itself on its first lookup; ``force``: again)."""
     for reg in _registries().values():
-        for e in reg.entries():
-            e.extras.setdefault("source", "fusionkd")
-    for group in GROUPS:
-        for ep in importlib.metadata.entry_points(group=group):
-            dist = getattr(ep, "dist", None)
-            source = f"entry point {dist.name} {dist.version} ({ep.value})" if dist else f"entry point ({ep.value})"
-            before = _snapshot()
-            try:
-                try:
-                    obj = ep.load()
-                except SystemExit as e:  # not an Exception, but as broken: reported, never the end of fusionkd
-                    raise PluginError(_exit_text(e)) from None
-                if not isinstance(obj, types.ModuleType):
-                    _register_object(group, ep.name, obj)
-            except Exception as e:  # noqa: BLE001 - a broken plug-in must not break fusionkd
-                ERRORS.append((group, ep.name, f"{type(e).__name__}: {e}"))
-                log.warning("plug-in %s (%s, %s) could not be loaded: %s: %s", ep.name, group, source,
-                            type(e).__name__, e)
-                continue
-            _mark_new(before, source)
+        reg.discover(force)
 
 
 def load_files(paths: Iterable[str | Path]) -> list[str]:
@@ -155,8 +90,8 @@ def load_files(paths: Iterable[str | Path]) -> list[str]:
         if not path.is_file() or path.suffix != ".py":
             raise PluginError(f"plug-in {str(p)!r}: no such Python file (expected a .py file that registers "
                               "methods/models/datasets with @register_method/@register_model/@register_dataset)")
-        load_entry_points()
-        before = _snapshot()
+        load_entry_points()  # first: an installed plug-in keeps its names, the file's come after
+        before = snapshot()
         name = f"fusionkd_plugin_{path.stem}_{abs(hash(key)) % 10**8}"
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
@@ -170,7 +105,7 @@ def load_files(paths: Iterable[str | Path]) -> list[str]:
             spec.loader.exec_module(module)
         except SystemExit as e:  # sys.exit() at import: a failure like any other, not the end of the command
             sys.modules.pop(name, None)
-            raise PluginError(f"plug-in {key} failed to import: it {_exit_text(e)}") from None
+            raise PluginError(f"plug-in {key} failed to import: it {exit_text(e)}") from None
         except Exception as e:
             sys.modules.pop(name, None)
             raise PluginError(f"plug-in {key} failed to import: {type(e).__name__}: {e}") from e
@@ -178,7 +113,7 @@ def load_files(paths: Iterable[str | Path]) -> list[str]:
             sys.modules.pop(name, None)
             raise
         _loaded_files[key] = module
-        new = _mark_new(before, f"file {key}")
+        new = mark_new(before, f"file {key}")
         if not new:
             log.warning("plug-in %s registered nothing (use @register_method, @register_model or "
                         "@register_dataset)", key)

@@ -1,7 +1,7 @@
 """The worker process of ``fusionkd compare --workers N`` and ``fusionkd bench`` (internal).
 
 ``python -m fusionkd.compare._worker run TASK.json RESULT.json``: train or resume the run described in
-``TASK.json`` (written by :class:`fusionkd.compare.grid.GridRunner`) and write its result to ``RESULT.json``.
+``TASK.json`` (written by :class:`fusionkd.compare.runner.GridRunner`) and write its result to ``RESULT.json``.
 ``SIGTERM`` (what the parent sends when it is stopped) and ``SIGHUP`` stop the run as Ctrl-C does: its last
 finished epoch stays in ``last.pt``, its trackers end, and the process exits with 128 + the signal's number.
 
@@ -21,8 +21,8 @@ from pathlib import Path
 def main(argv: list[str]) -> int:
     if len(argv) == 3 and argv[0] == "run":
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-        from ..cli import StopSignal, stop_signals_as_interrupts
-        from .grid import execute
+        from ..engine.stops import StopSignal, stop_signals_as_interrupts
+        from .runner import execute
 
         task = json.loads(Path(argv[1]).read_text())
         with stop_signals_as_interrupts():

@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from ..engine.flatten import flatten
 from .stats import Verdict, compare_groups
 
 #: column order of ``results.csv``
@@ -355,18 +356,6 @@ def summarize(records: Sequence[RunRecord]) -> list[GroupStats]:
 RUNTIME_KEYS = frozenset({"seed", "name", "out_dir", "progress", "log_every", "eval_test", "threads",
                           "eval_batch_size", "tensorboard", "device", "tracker", "tracker_uri",
                           "tracker_experiment"})
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"augment": {"flip": True}}`` -> ``{"augment.flip": True}`` (the method's ``options`` too)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def _inconsistent_keys(recs: Sequence[RunRecord]) -> list[str]:

@@ -80,13 +80,17 @@ class ReportFiles:
 
 
 # ---------------------------------------------------------------------- formatting
-def _time(seconds: float | None) -> str:
+def format_duration(seconds: float | None) -> str:
+    """Seconds as ``42s``, ``3m05s`` or ``2h07m`` (``-`` for None): the tables' time per run."""
     if seconds is None:
         return "-"
     s = int(round(seconds))
     if s >= 3600:
         return f"{s // 3600}h{s % 3600 // 60:02d}m"
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+_time = format_duration  # its former name
 
 
 def _count(n: int | None) -> str:
@@ -112,7 +116,7 @@ def results_table(groups: Sequence[GroupStats]) -> str:
         aux_best = g.aux_best.format() if g.aux_head else "-"
         img = "-" if g.img_per_s.mean is None else f"{g.img_per_s.mean:,.0f}"
         cells = [g.method, g.family, str(len(g.seeds)), ", ".join(g.deploy_heads), g.deploy_last.format(),
-                 g.deploy_best.format(), gl, gb, aux, aux_last, aux_best, _time(g.train_time_s.mean), img,
+                 g.deploy_best.format(), gl, gb, aux, aux_last, aux_best, format_duration(g.train_time_s.mean), img,
                  _count(g.params_extra)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .aggregate import GroupStats
-from .report import _time
+from .report import format_duration
 
 
 def compact_table(groups: Sequence[GroupStats]) -> str:
@@ -28,7 +28,7 @@ def compact_table(groups: Sequence[GroupStats]) -> str:
             gain = f"{g.gain_best.diff:+.2f} {g.gain_best.call}"
         aux = f"{g.aux_head} {g.aux_best.mean:.2f}" if g.aux_head and g.aux_best.mean is not None else "-"
         rows.append([g.method, str(len(g.seeds)), g.deploy_best.format(), g.deploy_last.format(), gain, aux,
-                     _time(g.train_time_s.mean)])
+                     format_duration(g.train_time_s.mean)])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     right = {1, 2, 3, 6}
     lines = []

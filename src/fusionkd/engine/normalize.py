@@ -14,9 +14,7 @@ import dataclasses
 from typing import Any
 
 from ..data import DatasetInfo, DataSplits
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ..data.containers import IMAGENET_MEAN, IMAGENET_STD
 
 
 def imagenet_stats(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..data import DatasetInfo, DataSplits, DeviceLoader, make_loader
-from ..methods import Teacher
+from ..methods import METHODS, Teacher
+from .checkpoint import CheckpointError, build_deploy_model, load_checkpoint
 from .config import Config, ConfigError
 
 log = logging.getLogger("fusionkd")
@@ -73,6 +76,130 @@ def load_outside_teacher(cfg: Config, info: DatasetInfo, device: torch.device) -
         "val_accuracy": None,
     }
     return Teacher(model=model, model_name=name, meta=meta)
+
+
+def check_teacher_file(cfg: Config) -> None:
+    """A ``teacher=`` / ``teacher_weights=`` file that is not there is refused before the data is loaded
+    (or a store prepared), not after."""
+    if cfg.teacher and METHODS.get(cfg.method).needs_teacher:
+        p = Path(cfg.teacher).expanduser()
+        if not (p.is_file() or (p.is_dir() and any((p / n).is_file() for n in ("best.pt", "last.pt")))):
+            raise ConfigError(f"teacher={cfg.teacher!r}: no such checkpoint (give a fusionkd best.pt/last.pt, "
+                              "an exported .pt, or a run folder holding one)")
+    if cfg.teacher_weights and not Path(cfg.teacher_weights).expanduser().is_file():
+        raise ConfigError(f"teacher_weights={cfg.teacher_weights!r}: no such file")
+
+
+def check_teacher_matches(meta: dict[str, Any], info: DatasetInfo, source: str) -> None:
+    """Raise ConfigError naming every way the teacher's data differs from the run's."""
+    t = meta.get("data") or {}
+    problems = []
+    if t.get("name") != info.name:
+        problems.append(f"dataset {t.get('name')!r} vs {info.name!r}")
+    if list(t.get("classes") or []) != list(info.classes):
+        problems.append(f"{len(t.get('classes') or [])} classes vs {len(info.classes)} (or different names)")
+    if t.get("in_chans") != info.in_chans:
+        problems.append(f"{t.get('in_chans')} input channels vs {info.in_chans}")
+    if t.get("image_size") != info.image_size:
+        problems.append(f"input size {t.get('image_size')} vs {info.image_size}")
+    mean, std = t.get("mean"), t.get("std")
+    if mean is None or std is None or len(mean) != len(info.mean) or len(std) != len(info.std):
+        if not problems:
+            problems.append(f"normalisation mean/std {mean}/{std} vs {info.mean}/{info.std}")
+    elif not problems and not (
+        np.allclose(mean, info.mean, atol=1e-4) and np.allclose(std, info.std, atol=1e-4)
+    ):
+        problems.append(f"normalisation mean/std {t.get('mean')}/{t.get('std')} vs {info.mean}/{info.std}")
+    if problems:
+        raise ConfigError(
+            f"the teacher {source} does not match this run's data: " + "; ".join(problems)
+            + ". Train the teacher on the same dataset (fusionkd train --method baseline --dataset "
+            + f"{info.name} ...) and pass its best.pt"
+        )
+
+
+def warn_if_teacher_saw_validation(teacher_cfg: dict[str, Any] | None, cfg: Config, source: str) -> bool:
+    """Log a warning (and return True) when the teacher was not trained with this run's validation split.
+
+    The validation split is carved from the training images with ``val_fraction`` and ``data_seed``; a
+    teacher trained with other values (or without a validation split) has most likely trained on this
+    run's validation images, which makes the student's validation accuracy, and so the choice of
+    ``best.pt``, optimistic. Test accuracy is unaffected (no run ever trains on the test split).
+    """
+    if cfg.val_fraction <= 0:
+        return False
+    t = teacher_cfg or {}
+    seen = {k: t.get(k) for k in ("val_fraction", "data_seed", "dataset_options")}
+    ours = {"val_fraction": cfg.val_fraction, "data_seed": cfg.data_seed,
+            "dataset_options": getattr(cfg, "dataset_options", {}) or {}}
+    seen["dataset_options"] = seen["dataset_options"] or {}
+    if seen == ours:
+        return False
+    log.warning(
+        "the teacher %s was trained with val_fraction=%s, data_seed=%s, dataset_options=%s, but this run holds out "
+        "val_fraction=%s, data_seed=%s, dataset_options=%s: the teacher has probably trained on this run's "
+        "validation images, so the student's validation accuracy (and the best.pt choice) is optimistic; test "
+        "accuracy is unaffected. Train the teacher with the same val_fraction and data_seed to avoid this",
+        source, seen["val_fraction"], seen["data_seed"], seen["dataset_options"], ours["val_fraction"],
+        ours["data_seed"], ours["dataset_options"],
+    )
+    return True
+
+
+def load_teacher(path: str, info: DatasetInfo, device: torch.device, cfg: Config | None = None) -> Teacher:
+    """Load a baseline (or any fusionkd) checkpoint's deploy network as a frozen teacher.
+
+    ``cfg`` (the student run's config) enables the check that the teacher did not train on the run's
+    validation images (a warning, see :func:`warn_if_teacher_saw_validation`).
+    """
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        raise ConfigError(f"teacher: {e}") from None
+    check_teacher_matches(ckpt, info, repr(str(path)))
+    teacher_cfg = ckpt.get("config") or {}
+    split_warning = warn_if_teacher_saw_validation(teacher_cfg, cfg, repr(str(path))) if cfg is not None else None
+    model = build_deploy_model(ckpt).to(device)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    dep = ckpt["deploy"]
+    meta = {
+        "path": str(path),
+        "model": dep["model"],
+        "model_kwargs": dict(dep.get("model_kwargs") or {}),
+        "data": ckpt.get("data"),
+        "method": (ckpt.get("config") or {}).get("method"),
+        "test_accuracy": ((ckpt.get("metrics") or {}).get("test") or {}).get(dep.get("head")),
+        "val_accuracy": ((ckpt.get("metrics") or {}).get("val") or {}).get(dep.get("head")),
+        "val_fraction": teacher_cfg.get("val_fraction"),
+        "data_seed": teacher_cfg.get("data_seed"),
+        "saw_validation_split": split_warning,
+    }
+    return Teacher(model=model, model_name=dep["model"], meta=meta)
+
+
+def teacher_from_meta(meta: dict[str, Any], info: DatasetInfo, device: torch.device) -> Teacher:
+    """A teacher network of the recorded architecture, weights to be filled by ``method_state``."""
+    from ..models import create_model
+
+    model = create_model(meta["model"], num_classes=len(info.classes), in_chans=info.in_chans,
+                         **dict(meta.get("model_kwargs") or {})).to(device)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return Teacher(model=model, model_name=meta["model"], meta=dict(meta))
+
+
+def build_teacher(cfg: Config, info: DatasetInfo, device: torch.device,
+                  teacher_meta: dict[str, Any] | None = None) -> Teacher:
+    """The frozen teacher of a method that needs one: of the recorded architecture (a resumed run, whose
+    weights come from its checkpoint), from outside fusionkd (``teacher_model``), or ``teacher=CHECKPOINT``."""
+    if teacher_meta is not None:
+        return teacher_from_meta(teacher_meta, info, device)
+    if cfg.teacher_model:
+        return load_outside_teacher(cfg, info, device)
+    return load_teacher(cfg.teacher, info, device, cfg)
 
 
 @torch.inference_mode()
@@ -130,3 +257,14 @@ def check_teacher(teacher: Teacher, splits: DataSplits, cfg: Config, device: tor
             f"this order ({', '.join(info.classes[:5])}{', ...' if len(info.classes) > 5 else ''}); or lower "
             "teacher_min_accuracy if this accuracy is really expected")
     return check
+
+
+def start_teacher(teacher: Teacher | None, splits: DataSplits, cfg: Config, device: torch.device, amp,
+                  first_start: bool) -> None:
+    """At the start of a run: check a new run's teacher (:func:`check_teacher`); name a resumed run's."""
+    if teacher is not None and first_start:  # outside teachers and teacher=CHECKPOINT alike
+        check_teacher(teacher, splits, cfg, device, amp, cfg.eval_batch_size)
+    elif teacher is not None:
+        acc = teacher.meta.get("test_accuracy")
+        log.info("teacher %s (%s), recorded test accuracy %s", teacher.model_name,
+                 teacher.meta.get("path"), f"{acc:.2f}%" if acc is not None else "n/a")

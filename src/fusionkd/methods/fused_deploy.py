@@ -19,6 +19,7 @@ from torch import nn
 from ..models import create_model
 from ..models.registry import MODELS
 from .fusion import FusionModule
+from .mfef_blocks import MFEFBlock
 
 DEPLOY_CHOICES = ("best_peer", "fused")
 
@@ -52,8 +53,6 @@ def fused_peers(num_classes: int = 10, in_chans: int = 3, *, peers: list[str] | 
     channels = [m.stage_info[-1].channels for m in members]
     post = None
     if mfef is not None:
-        from .mfef import MFEFBlock
-
         post = nn.ModuleList(MFEFBlock(c, int(mfef["scales"]), str(mfef["mode"]), int(mfef["reduction"]))
                              for c in channels)
     return FusedPeers(members, post, FusionModule(channels, num_classes)).eval()
@@ -68,7 +67,7 @@ def check_deploy(method_name: str, deploy: str, shared_trunk: bool) -> None:
 
 
 class FusedDeployment:
-    """Mixin for :class:`~fusionkd.methods.ffl.FusionOnlineMethod` subclasses with a ``deploy`` option:
+    """Mixin for :class:`~fusionkd.methods.fusion_online.FusionOnlineMethod` subclasses with a ``deploy`` option:
     ``fused`` deploys :class:`FusedPeers` (head ``fused``), ``best_peer`` keeps best-peer deployment."""
 
     def _fused(self) -> bool:

@@ -11,7 +11,7 @@ from importlib import import_module
 
 from .base import Backbone, ClassifierHead, SplitNetwork, StageInfo, Tail, Trunk, stage_maps
 from .hook import HookBackbone, HookHead
-from .registry import MODELS, create_model, list_models, register_model
+from .registry import MODELS, create_model, is_deploy_only, list_models, register_model
 from .weights import WeightsError, WeightsReport, load_weights_file, read_state_dict
 
 # importing a model module registers its models; this order is the order of ``list_models()``
@@ -31,6 +31,7 @@ __all__ = [
     "stage_maps",
     "MODELS",
     "create_model",
+    "is_deploy_only",
     "register_model",
     "list_models",
     "HookBackbone",

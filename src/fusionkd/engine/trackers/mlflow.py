@@ -166,7 +166,7 @@ def preflight(uri: str, timeout: float = PREFLIGHT_TIMEOUT_S) -> None:
 
 
 def _params(config: dict[str, Any]) -> dict[str, str]:
-    from ...compare.aggregate import flatten
+    from ..flatten import flatten
 
     out = {}
     for k, v in flatten(config).items():

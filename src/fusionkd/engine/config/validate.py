@@ -1,0 +1,198 @@
+"""Validation of a resolved :class:`Config`, before any work starts: names that exist, values in range,
+compatible combinations, the run folder's name, the teacher keys and the weights files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ...errors import ConfigError
+from .schema import CHOICES, RANGES, Config, numeric_fields
+from .types import build_options
+
+
+def _check_ranges(cfg: Config) -> None:
+    for key in numeric_fields():
+        section, _, attr = key.rpartition(".")
+        value = getattr(getattr(cfg, section) if section else cfg, attr)
+        if value is None:
+            continue
+        r = RANGES[key]
+        if not r.contains(value):
+            why = f" ({r.why})" if r.why else ""
+            raise ConfigError(f"{key}={value!r} is out of range: accepted {r.describe()}{why}")
+
+
+def native_image_size(cfg: Config) -> int | None:
+    """The side of the images the run will see, when the config alone tells (else None)."""
+    if cfg.image_size is not None:
+        return cfg.image_size
+    from ...data import DATASETS
+
+    return DATASETS.entry(cfg.dataset).extras.get("image_size")
+
+
+def check_run_name(cfg: Config) -> None:
+    """``name`` must be a relative path that stays inside ``out_dir`` (no ``..``, not absolute, not empty)."""
+    if cfg.name is None:
+        return
+    p = Path(cfg.name)
+    if not cfg.name.strip() or p.is_absolute() or cfg.name.startswith("~") or ".." in p.parts \
+            or p.parts in ((), (".",)):
+        raise ConfigError(
+            f"name={cfg.name!r} must be a relative folder name inside out_dir={cfg.out_dir!r} (e.g. "
+            "'fmnist/ffl-run1'): no absolute path, no '..', not empty; use out_dir= to write elsewhere"
+        )
+    # a symlink inside out_dir could still lead elsewhere: compare where the two really are
+    out = Path(cfg.out_dir).expanduser().resolve()
+    real = (Path(cfg.out_dir).expanduser() / cfg.name).resolve()
+    from ..rundir import is_marked
+
+    # a link to a run folder fusionkd made (compare's shared baseline runs) leads to fusionkd's own files
+    if not real.is_relative_to(out) and not is_marked(real):
+        raise ConfigError(
+            f"name={cfg.name!r} leads outside out_dir={cfg.out_dir!r}: {Path(cfg.out_dir) / cfg.name} resolves to "
+            f"{real} (a symbolic link on the way). Run folders stay inside out_dir; to write there, set "
+            f"out_dir={real.parent}"
+        )
+
+
+def _choice(value: str, key: str) -> None:
+    accepted = CHOICES[key]
+    if value not in accepted:
+        raise ConfigError(f"{key}={value!r} is not accepted; choose one of: {', '.join(accepted)}")
+
+
+def validate(cfg: Config) -> None:
+    """Reject names that do not exist, values out of range and incompatible combinations."""
+    from ...data import DATASETS, dataset_options
+    from ...methods import METHODS
+    from ...models import MODELS, is_deploy_only
+    from ...registry import UnknownNameError
+
+    if cfg.plugins:
+        from ...plugins import load_files
+
+        load_files(cfg.plugins)
+    for key in ("optimizer", "schedule", "precision", "lr_scale", "progress", "eval_test", "normalize"):
+        _choice(getattr(cfg, key), key)
+    _choice(cfg.augment.padding_mode, "augment.padding_mode")
+    try:
+        method_cls = METHODS.get(cfg.method)
+        MODELS.entry(cfg.model)
+        for m in cfg.models or []:
+            MODELS.entry(m)
+        DATASETS.entry(cfg.dataset)
+    except UnknownNameError as e:
+        users = [m for m in [cfg.model, *(cfg.models or [])] if m.startswith("user-") and m not in MODELS]
+        hint = (f" ({users[0]!r} names a user module object: register it again in this process with "
+                f"fusionkd.models.register_module(module, name={users[0]!r}) before resuming)" if users else "")
+        raise ConfigError(f"{e}{hint}") from None
+    for m in [cfg.model, *(cfg.models or [])]:
+        if is_deploy_only(m):
+            raise ConfigError(f"model={m!r} is the deployed network of ffl/mfef with options.deploy=fused, not a "
+                              "network to train; train method=ffl (or mfef) options.deploy=fused instead")
+    _check_ranges(cfg)
+    if cfg.warmup_epochs > cfg.epochs:
+        raise ConfigError(f"warmup_epochs={cfg.warmup_epochs:g} is longer than the run (epochs={cfg.epochs})")
+    size = native_image_size(cfg)
+    if size is not None:
+        for key, value in (("augment.cutout", cfg.augment.cutout), ("augment.crop_padding", cfg.augment.crop_padding)):
+            if value > size:
+                raise ConfigError(f"{key}={value} is larger than the {size}x{size} images of this run; accepted "
+                                  f"0..{size}")
+    check_run_name(cfg)
+    from ..trackers import check_tracker
+
+    check_tracker(cfg)
+    if cfg.nesterov and cfg.optimizer != "sgd":
+        raise ConfigError("nesterov=true needs optimizer=sgd")
+    if cfg.nesterov and cfg.momentum <= 0:
+        raise ConfigError("nesterov=true needs momentum > 0")
+    if cfg.milestones is not None:
+        if cfg.schedule != "multistep":
+            raise ConfigError(f"milestones are only used by schedule=multistep, not {cfg.schedule!r}")
+        if sorted(cfg.milestones) != cfg.milestones or any(m < 1 or m >= cfg.epochs for m in cfg.milestones):
+            raise ConfigError(
+                f"milestones must be increasing epochs between 1 and epochs-1={cfg.epochs - 1}, "
+                f"got {cfg.milestones}"
+            )
+    dev = cfg.device
+    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise ConfigError(f"device={dev!r} is not accepted; use auto, cpu, cuda or cuda:N")
+    resolved = resolve_device(dev)  # device=cuda without CUDA is refused here, before any work
+    if cfg.precision == "fp16" and resolved.type != "cuda":
+        raise ConfigError("precision=fp16 needs a CUDA device; on CPU use precision=bf16 or fp32")
+    # method-specific checks
+    if method_cls.needs_teacher and not (cfg.teacher or cfg.teacher_model):
+        raise ConfigError(
+            f"method {cfg.method!r} distils from a pre-trained teacher: pass --teacher CHECKPOINT "
+            f"(a best.pt/last.pt from `fusionkd train --method baseline ...`), or teacher_model=NAME "
+            f"teacher_weights=FILE for a teacher from outside fusionkd"
+        )
+    check_teacher_keys(cfg, method_cls.needs_teacher)
+    if cfg.models and not getattr(method_cls, "accepts_models", False):
+        accepting = [e.name for e in METHODS.entries() if getattr(e.obj, "accepts_models", False)]
+        raise ConfigError(
+            f"method {cfg.method!r} trains one network; `models` (a list of peers) is accepted by: "
+            f"{', '.join(accepting) or '(no installed method)'}"
+        )
+    accepted = dataset_options(cfg.dataset)
+    unknown = sorted(set(cfg.dataset_options) - set(accepted))
+    if unknown:
+        raise ConfigError(f"dataset {cfg.dataset!r} has no option(s) {', '.join(unknown)}; accepted "
+                          f"dataset_options: {', '.join(accepted) or '(none)'}")
+    build_options(method_cls, cfg.options, cfg.method)
+
+
+def check_teacher_keys(cfg: Config, needs_teacher: bool) -> None:
+    """The teacher keys: one source only, names that exist, weights where they are needed."""
+    from ...models import MODELS
+    from ...registry import UnknownNameError
+
+    given = [k for k in ("teacher", "teacher_model", "teacher_weights", "teacher_min_accuracy")
+             if getattr(cfg, k) is not None]
+    if given and not needs_teacher:
+        raise ConfigError(f"method {cfg.method!r} does not use a teacher; remove {', '.join(given)}")
+    if cfg.teacher_weights and not cfg.teacher_model:
+        raise ConfigError("teacher_weights goes with teacher_model=NAME (the teacher's architecture); with "
+                          "teacher=CHECKPOINT the checkpoint holds both")
+    if cfg.teacher and cfg.teacher_model:
+        raise ConfigError("give either teacher=CHECKPOINT (a fusionkd run) or teacher_model=NAME "
+                          "teacher_weights=FILE (a teacher from outside fusionkd), not both")
+    if cfg.teacher_model:
+        try:
+            entry = MODELS.entry(cfg.teacher_model)
+        except UnknownNameError as e:
+            raise ConfigError(f"teacher_model: {e}") from None
+        if not entry.extras.get("user") and not cfg.teacher_weights:
+            raise ConfigError(f"teacher_model={cfg.teacher_model!r} is a zoo model and needs teacher_weights=FILE "
+                              "(its trained weights); a freshly initialised teacher teaches nothing")
+
+
+def check_files(cfg: Config) -> None:
+    """Weights files named by a new run must exist and be of an accepted kind (not re-checked on resume,
+    where the checkpoint holds the weights)."""
+    from ...models.weights import WEIGHT_SUFFIXES
+
+    for key in ("weights", "teacher_weights"):
+        value = getattr(cfg, key)
+        if value is None:
+            continue
+        p = Path(value)
+        if not p.is_file():
+            raise ConfigError(f"{key}={value!r} does not exist (expected a weights file: "
+                              f"{', '.join(WEIGHT_SUFFIXES)}, or a fusionkd checkpoint)")
+        if not p.name.endswith(WEIGHT_SUFFIXES):  # a name, not p.suffix: ".pth.tar" is two suffixes
+            raise ConfigError(f"{key}={value!r}: files ending in {p.suffix or '(nothing)'} are not read; accepted: "
+                              f"{', '.join(WEIGHT_SUFFIXES)} (a torch.save'd state dict, safetensors, or a fusionkd "
+                              "checkpoint)")
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} was asked for but CUDA is not available here; use device=cpu")
+    return torch.device(name)
