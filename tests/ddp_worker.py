@@ -6,11 +6,14 @@ with DDP (gloo on CPU) and saves this rank's parameters, so the test can compare
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from fusionkd.engine.config import resolve_config
 from fusionkd.engine.trainer import Trainer
@@ -30,7 +33,12 @@ def main() -> None:
     rank = int(os.environ["RANK"])
     params = {k: v.detach().clone() for k, v in trainer.method.named_parameters()}
     buffers = {k: v.detach().clone() for k, v in trainer.method.named_buffers()}
-    torch.save({"params": params, "buffers": buffers, "summary": result.summary},
+    gc.collect()
+    # what fit() leaves behind: a DDP wrapper or a live group would be torn down at interpreter exit,
+    # where gloo can abort the process after all the work is done
+    teardown = {"ddp_wrappers": sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects()),
+                "group_alive": dist.is_initialized()}
+    torch.save({"params": params, "buffers": buffers, "summary": result.summary, "teardown": teardown},
                os.path.join(out, f"rank{rank}.pt"))
 
 

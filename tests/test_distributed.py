@@ -91,6 +91,8 @@ def test_ddp_two_cpu_processes_match_single_process(method, tmp_path):
         assert torch.equal(r0["params"][k], r1["params"][k]), f"{k} differs across ranks"
     assert r0["summary"] == r1["summary"]  # every rank reports the same (all-reduced) metrics
     assert r0["summary"]["data"]["train"] == 48
+    for r in (r0, r1):  # fit() released its DDP wrapper and destroyed the group before returning
+        assert r["teardown"] == {"ddp_wrappers": 0, "group_alive": False}
     ref = _single_process_reference(settings)
     for k, v in ref.items():
         assert torch.allclose(r0["params"][k], v, atol=2e-5, rtol=1e-4), f"{k}: DDP != single process"

@@ -15,6 +15,7 @@ next epoch start, so ``find_unused_parameters`` (and its slowness) is never need
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -122,5 +123,13 @@ def convert_sync_batchnorm(method: nn.Module, device: torch.device) -> nn.Module
 
 
 def cleanup(info: DistInfo) -> None:
+    """Tear the process group down while the interpreter is fully alive.
+
+    Call it after the last reference to any DDP wrapper is gone: a wrapper's reducer keeps the group
+    alive, and a gloo group left to interpreter shutdown can abort the process ("terminate called without
+    an active exception", exit -6) after all the work is done. ``gc.collect`` frees wrappers caught in
+    reference cycles, so nothing but the default group is left to destroy.
+    """
     if info.enabled and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()

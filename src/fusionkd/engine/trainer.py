@@ -207,7 +207,9 @@ class Trainer:
             try:
                 if self.dist.is_main:
                     folder.open_log()
-                return self._fit()
+                result = self._fit()
+                D.barrier(self.dist)  # ranks leave together: none tears the group down while another talks
+                return result
             except REFUSALS:
                 folder.refused()
                 raise
@@ -215,6 +217,9 @@ class Trainer:
                 folder.close()
         finally:
             if started_group:
+                # the DDP wrapper's reducer holds the process group: drop it first, so the group is torn
+                # down now and not by the interpreter at exit (gloo's threads then abort the process)
+                self._model, self._signature = None, None
                 D.cleanup(self.dist)
 
     # -------------------------------------------------------------- the loop
