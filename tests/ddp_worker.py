@@ -1,5 +1,6 @@
-"""Run by tests/test_distributed.py under ``torchrun --nproc-per-node 2``: trains (or resumes) one tiny run
-with DDP (gloo on CPU) and saves this rank's parameters, so the test can compare ranks and a single process.
+"""Run by tests/test_distributed.py under ``torchrun --nproc-per-node 2`` (or 1): trains (or resumes) one tiny
+run with DDP (gloo on CPU; NCCL on CUDA, from tests/test_cuda.py) and saves this rank's parameters, so the test
+can compare ranks and a single process.
 
     ddp_worker.py SETTINGS_JSON OUT_DIR [STOP_AFTER | resume:RUN_DIR]
 """
@@ -38,7 +39,9 @@ def main() -> None:
     # where gloo can abort the process after all the work is done
     teardown = {"ddp_wrappers": sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects()),
                 "group_alive": dist.is_initialized()}
-    torch.save({"params": params, "buffers": buffers, "summary": result.summary, "teardown": teardown},
+    sync_bn = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in trainer.method.modules())
+    torch.save({"params": params, "buffers": buffers, "summary": result.summary, "teardown": teardown,
+                "sync_bn_layers": sync_bn},
                os.path.join(out, f"rank{rank}.pt"))
 
 

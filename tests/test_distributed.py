@@ -42,10 +42,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(settings: dict, out: Path, mode: str = "") -> None:
+def torchrun_command() -> list[str]:
+    """The real torchrun: its script next to this Python (or on PATH), else the module it runs."""
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
-    cmd = [torchrun, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-           str(HERE / "ddp_worker.py"), json.dumps(settings), str(out)] + ([mode] if mode else [])
+    return [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+
+
+def _torchrun(settings: dict, out: Path, mode: str = "", nproc: int = 2) -> None:
+    cmd = [*torchrun_command(), "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port",
+           str(_free_port()), str(HERE / "ddp_worker.py"), json.dumps(settings), str(out)] + ([mode] if mode else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent / "src")}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -138,3 +143,57 @@ def test_ddp_with_frozen_teacher_and_stage_switch(tmp_path):
             trained = {**r["params"], **r["buffers"]}
             key = next(k for k in trained if k.endswith("teacher." + name) or k.endswith("teacher.model." + name))
             assert torch.equal(trained[key], value), f"teacher {name} changed"
+
+
+def test_env_info_forms_a_group_for_any_process_torchrun_launched(monkeypatch):
+    """Launched by torchrun (its RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, or TORCHELASTIC_RUN_ID): a
+    process group even with world size 1. WORLD_SIZE=1 alone is one plain process."""
+    from fusionkd.engine import distributed as D
+    from fusionkd.engine.config import ConfigError
+
+    for k in (*D.LAUNCHER_VARIABLES, "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(k, raising=False)
+    assert D.env_info() == D.DistInfo() and not D.DistInfo().enabled
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not D.env_info().enabled
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    info = D.env_info()
+    assert info == D.DistInfo(0, 1, 0, launched=True) and info.enabled and info.is_main
+    monkeypatch.delenv("MASTER_PORT")
+    assert not D.env_info().enabled
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    assert D.env_info().enabled
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK")
+    with pytest.raises(ConfigError, match="WORLD_SIZE=2 is set but RANK is not"):
+        D.env_info()
+
+
+def test_one_process_torchrun_forms_a_gloo_group_and_equals_a_plain_run(tmp_path):
+    """``torchrun --nproc-per-node 1`` trains in a gloo group of one (DDP and every collective run, as each of N
+    processes would; the CUDA twin, NCCL with sync_bn, is tests/test_cuda.py), records it in summary.json
+    (``hardware.distributed``), tears it down, and ends bit-identical to one plain process: a world of one
+    averages every gradient over itself."""
+    from fusionkd.engine.trainer import Trainer
+
+    settings = {**SETTINGS, "method": "baseline", "out_dir": str(tmp_path / "runs"), "name": "torchrun"}
+    _torchrun(settings, tmp_path, nproc=1)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    assert not (tmp_path / "rank1.pt").exists()
+    assert r0["summary"]["hardware"]["distributed"] == {"world_size": 1, "backend": "gloo"}
+    assert r0["teardown"] == {"ddp_wrappers": 0, "group_alive": False}
+    written = json.loads((tmp_path / "runs" / "torchrun" / "summary.json").read_text())
+    assert written["hardware"]["distributed"] == {"world_size": 1, "backend": "gloo"}
+
+    plain = Trainer(resolve_config({**settings, "name": "plain"}))
+    result = plain.fit()
+    assert result.summary["hardware"]["distributed"] is None
+    assert result.summary["best"] == r0["summary"]["best"] and result.summary["last"] == r0["summary"]["last"]
+    params = dict(plain.method.named_parameters())
+    assert params.keys() == r0["params"].keys()
+    for k, v in params.items():
+        assert torch.equal(v.detach(), r0["params"][k]), f"{k}: 1-process torchrun != plain process"
+    for k, v in plain.method.named_buffers():
+        assert torch.equal(v, r0["buffers"][k]), f"buffer {k}: 1-process torchrun != plain process"

@@ -1,8 +1,10 @@
 """Data-parallel training under ``torchrun``: process group, DDP wrapping, reductions.
 
 ``torchrun --nproc-per-node N -m fusionkd train ...`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the
-rendezvous variables; :func:`setup` then joins the process group (NCCL on CUDA, gloo on CPU). Without
-those variables everything here is a no-op and training runs in one process.
+rendezvous variables; :func:`setup` then joins the process group (NCCL on CUDA, gloo on CPU). It does so for
+``N = 1`` too: a process that torchrun launched trains in a group of one, through DDP and the backend's
+collectives, as each of N would (a check of a multi-GPU set-up on one GPU). Without those variables
+everything here is a no-op and training runs in one process.
 
 How methods are wrapped: the whole :class:`~fusionkd.methods.Method` (every network, fusion module,
 self-teacher and branch) goes into ONE ``DistributedDataParallel`` wrapper whose ``forward`` is the
@@ -19,6 +21,7 @@ import gc
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,17 +30,24 @@ from torch import nn
 log = logging.getLogger("fusionkd")
 
 
+#: what torchrun sets in every process it launches (with these, a process forms a group even alone)
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 @dataclass(frozen=True)
 class DistInfo:
-    """Where this process stands: ``rank`` of ``world_size``, ``local_rank`` on its node."""
+    """Where this process stands: ``rank`` of ``world_size``, ``local_rank`` on its node; ``launched``: started
+    by torchrun, so it trains in a process group even when ``world_size`` is 1."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    launched: bool = False
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """Whether this process trains in a process group (DDP, collectives): under torchrun, any world size."""
+        return self.launched or self.world_size > 1
 
     @property
     def is_main(self) -> bool:
@@ -45,11 +55,23 @@ class DistInfo:
 
 
 def env_info() -> DistInfo:
-    """Read ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` as set by torchrun (single process without them)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    """Read ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` as set by torchrun (single process without them).
+
+    A process counts as launched by torchrun when all of :data:`LAUNCHER_VARIABLES` are set, or
+    ``TORCHELASTIC_RUN_ID`` is; such a process forms a group even with ``WORLD_SIZE=1``. ``WORLD_SIZE=1``
+    alone (no launcher) is one plain process, as before."""
+    from .config import ConfigError
+
+    env = os.environ
+    launched = all(k in env for k in LAUNCHER_VARIABLES) or "TORCHELASTIC_RUN_ID" in env
+    world = int(env.get("WORLD_SIZE", "1"))
+    if world <= 1 and not launched:
         return DistInfo()
-    return DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
+    if "RANK" not in env:
+        raise ConfigError(f"WORLD_SIZE={world} is set but RANK is not: launch distributed training with torchrun "
+                          "(it sets both), or unset WORLD_SIZE for one process")
+    rank = int(env["RANK"])
+    return DistInfo(rank, world, int(env.get("LOCAL_RANK", rank)), launched=launched)
 
 
 def setup(device_name: str) -> tuple[DistInfo, torch.device]:
@@ -133,3 +155,13 @@ def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()
+
+
+def group_record(info: DistInfo) -> dict[str, Any] | None:
+    """``{"world_size", "backend"}`` of the process group this process trains in (read from the live group, so
+    it names the backend actually used: ``nccl``, ``gloo``), or None for one plain process. Recorded in
+    ``summary.json`` (``hardware.distributed``)."""
+    if not info.enabled:
+        return None
+    backend = str(dist.get_backend()) if dist.is_available() and dist.is_initialized() else None
+    return {"world_size": info.world_size, "backend": backend}

@@ -15,6 +15,7 @@ from ..methods import METHODS, Method
 from ..version import __version__
 from .checkpoint import FORMAT, VERSION, atomic_save, atomic_write_text, read_checkpoint_file, rng_state, storage_error
 from .config import Config
+from .distributed import DistInfo, group_record
 from .hardware import hardware_info
 
 #: options that may differ when a run is resumed (everything else must match the checkpoint)
@@ -139,8 +140,11 @@ def epoch_line(m: dict[str, Any], head: str) -> str:
 
 
 def run_summary(cfg: Config, run_dir: Path, method: Method, best, last: dict[str, Any], params,
-                data_sizes, info: DatasetInfo, device: torch.device, fingerprint: str | None) -> dict[str, Any]:
-    """``summary.json``: best (by validation) and last epoch accuracies, time, throughput, parameters."""
+                data_sizes, info: DatasetInfo, device: torch.device, fingerprint: str | None,
+                dist_info: DistInfo | None = None) -> dict[str, Any]:
+    """``summary.json``: best (by validation) and last epoch accuracies, time, throughput, parameters, and
+    what the run ran on (``hardware``, with ``distributed``: the process group's world size and backend, or
+    None for one plain process)."""
     lines = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     train_time = sum(m["time_train_s"] for m in lines)
     eval_time = sum(m.get("time_eval_s", 0.0) for m in lines)
@@ -167,6 +171,6 @@ def run_summary(cfg: Config, run_dir: Path, method: Method, best, last: dict[str
         "data": {**data_sizes, "name": info.name, "subset": cfg.subset, "val_fraction": cfg.val_fraction,
                  "data_dir": str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None,
                  "fingerprint": fingerprint},
-        "hardware": hardware_info(device),
+        "hardware": {**hardware_info(device), "distributed": group_record(dist_info or DistInfo())},
         "method_extras": method.summary_extras(),
     }

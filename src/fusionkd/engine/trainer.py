@@ -314,7 +314,7 @@ class Trainer:
         summary = None
         if main:
             summary = run_summary(cfg, self.run_dir, method, best, last_metrics, params, run.data_sizes, run.info,
-                                  self.device, run.fingerprint)
+                                  self.device, run.fingerprint, self.dist)
             atomic_write_text(json.dumps(summary, indent=2), self.run_dir / "summary.json")
             end_callbacks(callbacks, summary, self.run_dir, None)
         summary = D.broadcast_object(summary, self.dist)
