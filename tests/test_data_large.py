@@ -403,6 +403,7 @@ def test_random_resized_loader_and_centre_crop_eval(trees, tmp_path):
         StoreLoader(s.train, s.info, 4, train=True, crop="pad")
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("crop", ["pad", "random-resized"])
 def test_store_loader_cuda_matches_cpu(trees, tmp_path, crop):

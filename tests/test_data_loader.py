@@ -308,6 +308,7 @@ def test_loader_rejects_bad_norm():
         DeviceLoader(data, 0.5, 4, train=True)  # type: ignore[arg-type]
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_batches_equal_cpu_batches():
     data = make_data(64, 3, 8, 8)
