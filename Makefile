@@ -17,7 +17,7 @@ FMNIST_DIR := /usr/share/datasets/fashion-mnist
 DEMO_ARGS ?=
 TEST_WORKERS ?= 2
 
-.PHONY: demo test test-fast install install-test data lint clean
+.PHONY: demo test test-fast install install-test data lint clean gpu-kit
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,16 @@ test-fast: install-test
 
 lint: install-test
 	$(VENV)/bin/ruff check src tests benchmarks
+
+# .gpu-kit/: what benchmarks/gpu_check.py needs on a GPU machine that reaches no package registry, to carry
+# with the working tree (docs/performance.md): pytest for Python 3.12 (pure Python) and Fashion-MNIST's
+# four files; about 45 MB. The machine's own packages win; the kit only fills gaps.
+gpu-kit: install data
+	$(PIP) install --quiet --upgrade --target .gpu-kit/site --python-version 3.12 --only-binary=:all: \
+		--implementation cp --platform manylinux2014_x86_64 pytest
+	mkdir -p .gpu-kit/fashion-mnist
+	cp $(FMNIST_DIR)/*-ubyte.gz .gpu-kit/fashion-mnist/
+	@du -sh .gpu-kit
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
