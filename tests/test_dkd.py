@@ -11,12 +11,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_offline_engine import TINY, assert_teacher_unchanged
+from test_offline_engine import assert_option_refused, assert_teacher_unchanged, spy_teacher, two_step_cli
 
-import fusionkd
-from fusionkd.cli import main
 from fusionkd.engine.checkpoint import load_checkpoint
-from fusionkd.engine.config import ConfigError, build_options, resolve_config
+from fusionkd.engine.config import build_options, resolve_config
 from fusionkd.methods import METHODS, MethodContext, Teacher
 from fusionkd.methods.dkd import DKDOptions, dkd_loss, dkd_terms, dkd_warmup
 from fusionkd.models import create_model
@@ -179,21 +177,13 @@ def test_one_step_trains_the_student_only_with_detached_teacher_logits():
     m = _make()
     m.train()
     teacher_before = copy.deepcopy(m.teacher.state_dict())
-    seen = []
-    original = m.teacher_forward
-
-    def spy(images, raw=False):
-        maps, logits = original(images, raw)
-        seen.append(logits)
-        return maps, logits
-
-    m.teacher_forward = spy
+    seen = spy_teacher(m)
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(4, 1, 28, 28, generator=g), torch.randint(0, 10, (4,), generator=g)
     terms = m.training_step(x, y, epoch=0)
     assert set(terms) == {"loss_ce", "loss_tckd", "loss_nckd"}
     sum(terms.values()).backward()
-    assert len(seen) == 1 and not seen[0].requires_grad and seen[0].grad_fn is None
+    assert len(seen) == 1 and not seen[0][1].requires_grad and seen[0][1].grad_fn is None
     assert all(p.grad is None and not p.requires_grad for p in m.teacher.parameters())
     assert all(torch.equal(v, m.teacher.state_dict()[k]) for k, v in teacher_before.items())
     assert not m.teacher.training
@@ -219,11 +209,7 @@ def test_one_step_trains_the_student_only_with_detached_teacher_logits():
     ({"warmup_epochs": -1}, "warmup_epochs must be >= 0"),
 ])
 def test_bad_options_are_refused_naming_the_option(options, fragment):
-    with pytest.raises(ValueError, match=fragment):
-        DKDOptions(**options).validate()
-    with pytest.raises(ConfigError) as e:
-        resolve_config({"method": "dkd", "teacher": "t.pt", "options": options})
-    assert fragment in str(e.value) and "method 'dkd'" in str(e.value)
+    assert_option_refused("dkd", DKDOptions, options, fragment)
 
 
 def test_defaults_registry_and_config_overrides():
@@ -241,15 +227,7 @@ def test_defaults_registry_and_config_overrides():
 
 # ----------------------------------------------------------------------------- end to end
 def test_cli_two_step_recipe_with_dkd(tmp_path):
-    teacher = fusionkd.train(method="baseline", epochs=1, out_dir=str(tmp_path), name="teacher", **TINY)
-    best = teacher.run_dir / "best.pt"
-    assert main(["train", "--method", "dkd", "--model", "resnet20", "--dataset", "synthetic",
-                 "--teacher", str(best), "--epochs", "2", "--out-dir", str(tmp_path),
-                 "--name", "dkd", "image_size=16", "val_fraction=0.25", "batch_size=16", "progress=none",
-                 "threads=1", "teacher_min_accuracy=0",  # a 1-epoch teacher: mechanics, not teaching
-                 "dataset_options={num_classes: 4, in_chans: 1, train_size: 96, test_size: 40}",
-                 "options.beta=4", "options.warmup_epochs=2"]) == 0
-    run = tmp_path / "dkd"
+    run, best = two_step_cli(tmp_path, "dkd", "options.beta=4", "options.warmup_epochs=2")
     ckpt = load_checkpoint(run / "last.pt")
     assert ckpt["config"]["method"] == "dkd" and ckpt["config"]["options"] == {"beta": 4, "warmup_epochs": 2}
     assert_teacher_unchanged(run / "last.pt", best)

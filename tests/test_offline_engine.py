@@ -37,6 +37,46 @@ def teacher_state(path: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(path)["deploy"]["state_dict"]
 
 
+def two_step_cli(tmp_path: Path, method: str, *options: str) -> tuple[Path, Path]:
+    """A 1-epoch baseline teacher, then a 2-epoch ``fusionkd train --method METHOD`` student from it (with
+    ``options``, e.g. ``options.beta=4``) on tiny synthetic data: ``(student run folder, teacher best.pt)``."""
+    from fusionkd.cli import main
+
+    teacher = fusionkd.train(method="baseline", epochs=1, out_dir=str(tmp_path), name="teacher", **TINY)
+    best = teacher.run_dir / "best.pt"
+    assert main(["train", "--method", method, "--model", "resnet20", "--dataset", "synthetic",
+                 "--teacher", str(best), "--epochs", "2", "--out-dir", str(tmp_path),
+                 "--name", method, "image_size=16", "val_fraction=0.25", "batch_size=16", "progress=none",
+                 "threads=1", "teacher_min_accuracy=0",  # a 1-epoch teacher: mechanics, not teaching
+                 "dataset_options={num_classes: 4, in_chans: 1, train_size: 96, test_size: 40}", *options]) == 0
+    return tmp_path / method, best
+
+
+def assert_option_refused(method: str, options_cls, options: dict, fragment: str) -> None:
+    """``options`` are refused by the options' ``validate()`` and, naming the method, by the config."""
+    from fusionkd.engine.config import ConfigError, resolve_config
+
+    with pytest.raises(ValueError, match=fragment):
+        options_cls(**options).validate()
+    with pytest.raises(ConfigError) as e:
+        resolve_config({"method": method, "teacher": "t.pt", "options": options})
+    assert fragment in str(e.value) and f"method {method!r}" in str(e.value)
+
+
+def spy_teacher(method) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+    """What ``method.teacher_forward`` returns, ``(maps, logits)`` per call, recorded from now on."""
+    seen: list[tuple[list[torch.Tensor], torch.Tensor]] = []
+    original = method.teacher_forward
+
+    def spy(images, raw=False):
+        out = original(images, raw)
+        seen.append(out)
+        return out
+
+    method.teacher_forward = spy
+    return seen
+
+
 def assert_teacher_unchanged(run_ckpt: Path, teacher_ckpt: Path) -> None:
     """The teacher inside the student's checkpoint equals the teacher file: weights and BN statistics."""
     state = load_checkpoint(run_ckpt)["method_state"]
