@@ -394,7 +394,7 @@ def test_registry_entries_and_option_defaults():
     # mfkd's defaults, as documented (docs/methods/offline.md, METHODS.md section 4)
     assert dataclasses.asdict(MFKDOptions()) == {
         "ce_weight": 1.0, "kd_weight": 1.0, "feat_weight": 50.0, "temperature": 4.0, "taps": None, "align": "pool",
-        "fusion": "concat", "fusion_epochs": None, "fusion_stage_student": "ce_kd"}
+        "fusion": "concat", "fusion_epochs": None, "fusion_stage_student": "ce_kd", "logit_std": False}
     assert build_options(METHODS.get("mfkd"), {"feat_weight": 10, "taps": [0, -1]}, "mfkd") == MFKDOptions(
         feat_weight=10.0, taps=[0, -1])
     # a method built without options uses those defaults: taps first/middle/last of the teacher's 3 stages,

@@ -66,6 +66,7 @@ class ATOptions:
         ce_weight: ``gamma``, weight of the cross-entropy with the labels.
         kd_weight: ``alpha``, weight of an optional Hinton KD term (0 = off).
         temperature: ``T`` of the optional KD term.
+        logit_std: logit standardization of the optional KD term (Sun et al., CVPR 2024).
         maps: ``post`` (the contract's stage maps) or ``raw`` (the raw stage outputs, as the AT authors'
             WRN code; differs from ``post`` on pre-activation networks only).
         layout: ``peers`` (RepDistiller's / mdistiller's maps ``f1 .. f4`` on a VGG, the stage maps on
@@ -76,6 +77,7 @@ class ATOptions:
     ce_weight: float = 1.0
     kd_weight: float = 0.0
     temperature: float = 4.0
+    logit_std: bool = False
     maps: str = "post"
     layout: str = "peers"
 

@@ -164,6 +164,7 @@ class BYOTOptions:
     #: backbone, which then learns from its own CE only; isolates what the branches do to the backbone
     detach_branches: bool = False
     temperature: float = 3.0  #: softmax temperature of the soft-label terms
+    logit_std: bool = False  #: z-score the logits before the KL softmax (Sun et al. 2024)
 
     def validate(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -262,7 +263,7 @@ class BYOT(BranchedSelfMethod):
         deep = out.deep_logits.float()
         ce_branches = sum(F.cross_entropy(z.float(), labels) for z in out.branch_logits)
         t2 = 1.0 if o.t_squared else o.temperature ** 2  # kl_div carries T^2; the paper's KL does not
-        kd = sum(kl_div(z, deep, o.temperature) for z in out.branch_logits) / t2
+        kd = sum(kl_div(z, deep, o.temperature, o.logit_std) for z in out.branch_logits) / t2
         target = out.deep_features.detach().float()
         feat = sum((f.float() - target).pow(2).sum(dim=1).mean() for f in out.branch_features)
         return {

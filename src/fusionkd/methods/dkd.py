@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ._offline import OfflineMethod, check_temperature, check_weights
 from .base import register_method
-from .losses import linear_rampup
+from .losses import linear_rampup, standardize_logits
 
 
 @dataclass
@@ -45,6 +45,8 @@ class DKDOptions:
         warmup_epochs: length of the linear warm-up of ``alpha * TCKD + beta * NCKD``
             (``min((epoch + 1) / warmup_epochs, 1)``; 0 = none). Not the learning-rate warm-up
             (the config key ``warmup_epochs``).
+        logit_std: z-score both sides' logits before TCKD / NCKD (logit standardization, Sun et al.,
+            CVPR 2024, as the authors' ``dkd_loss``). ``T^2`` is kept.
     """
 
     ce_weight: float = 1.0
@@ -52,6 +54,7 @@ class DKDOptions:
     beta: float = 8.0
     temperature: float = 4.0
     warmup_epochs: int = 20
+    logit_std: bool = False
 
     def validate(self) -> None:
         check_weights(ce_weight=self.ce_weight, alpha=self.alpha, beta=self.beta)
@@ -67,7 +70,7 @@ def dkd_warmup(epoch: int, warmup_epochs: int) -> float:
 
 
 def _dkd_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
-                    temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    temperature: float, standardize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Unscaled ``(TCKD, NCKD)`` per sample, ``(B,)`` each, for class ids ``target`` ``(B,)``.
 
     Everything is computed in log space: ``log(1 - p_y)`` as a log-sum-exp over the non-target logits, and
@@ -75,8 +78,11 @@ def _dkd_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     divides by zero however confident the teacher is.
     """
     t = float(temperature)
-    zs = student_logits.float() / t
-    zt = teacher_logits.detach().float() / t
+    zs = student_logits.float()
+    zt = teacher_logits.detach().float()
+    if standardize:
+        zs, zt = standardize_logits(zs), standardize_logits(zt)
+    zs, zt = zs / t, zt / t
     gt = F.one_hot(target, zs.shape[1]).bool()
 
     def binary_and_rest(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,7 +101,7 @@ def _dkd_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 
 
 def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-             temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+             temperature: float, standardize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(TCKD, NCKD)``, each ``T^2 * KL`` averaged over the batch, teacher detached (Zhao et al. 2022).
 
     Args:
@@ -103,18 +109,19 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
         labels: ``(B,)`` class ids, or ``(B, K)`` soft targets: then ``sum_c y_c * term(c)`` over each row's
             two largest entries (exact for one-hot and MixUp / CutMix targets).
         temperature: ``T > 0``.
+        standardize: z-score both sides' logits first (:func:`standardize_logits`).
     """
     k = student_logits.shape[1]
     if k < 2:
         raise ValueError(f"DKD needs at least 2 classes (a target and a non-target class), got {k}")
     t2 = float(temperature) ** 2
     if labels.dim() == 1:
-        tckd, nckd = _dkd_per_sample(student_logits, teacher_logits, labels, temperature)
+        tckd, nckd = _dkd_per_sample(student_logits, teacher_logits, labels, temperature, standardize)
         return tckd.mean() * t2, nckd.mean() * t2
     weights, classes = labels.float().topk(2, dim=1)
     tckd = nckd = None
     for j in range(2):
-        a, b = _dkd_per_sample(student_logits, teacher_logits, classes[:, j], temperature)
+        a, b = _dkd_per_sample(student_logits, teacher_logits, classes[:, j], temperature, standardize)
         tckd = weights[:, j] * a if tckd is None else tckd + weights[:, j] * a
         nckd = weights[:, j] * b if nckd is None else nckd + weights[:, j] * b
     return tckd.mean() * t2, nckd.mean() * t2
@@ -132,7 +139,8 @@ def dkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels
         terms["loss_ce"] = options.ce_weight * F.cross_entropy(student_logits.float(), labels)
     if options.alpha > 0 or options.beta > 0:
         w = dkd_warmup(epoch, options.warmup_epochs)
-        tckd, nckd = dkd_loss(student_logits, teacher_logits, labels, options.temperature)
+        tckd, nckd = dkd_loss(student_logits, teacher_logits, labels, options.temperature,
+                              getattr(options, "logit_std", False))
         if options.alpha > 0:
             terms["loss_tckd"] = (w * options.alpha) * tckd
         if options.beta > 0:

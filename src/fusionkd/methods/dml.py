@@ -26,7 +26,8 @@ from .losses import kl_div
 from .peers import BestPeerDeployment, PeerNetworks, check_peer_count, resolve_peer_names
 
 
-def mutual_kl(logits: Sequence[torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+def mutual_kl(logits: Sequence[torch.Tensor], temperature: float = 1.0, standardize: bool = False
+              ) -> torch.Tensor:
     """DML's peer term summed over the peers: ``sum_k 1/(m-1) sum_{j != k} KL_T(z_j -> z_k)``.
 
     Zhang et al., "Deep Mutual Learning", CVPR 2018, eq. (10) generalised to ``m`` peers.
@@ -35,18 +36,20 @@ def mutual_kl(logits: Sequence[torch.Tensor], temperature: float = 1.0) -> torch
     Args:
         logits: ``m >= 2`` tensors ``(B, K)``.
         temperature: ``T`` (1 in DML).
+        standardize: logit standardization of every KL term (:func:`~.losses.standardize_logits`).
     Returns:
         A float32 scalar.
     """
     m = len(logits)
     if m < 2:
         raise ValueError(f"mutual learning needs at least 2 peers, got {m}")
-    total = sum(kl_div(logits[k], logits[j], temperature) for k in range(m) for j in range(m) if j != k)
+    total = sum(kl_div(logits[k], logits[j], temperature, standardize)
+                for k in range(m) for j in range(m) if j != k)
     return total / (m - 1)
 
 
-def dml_loss(logits: Sequence[torch.Tensor], labels: torch.Tensor, temperature: float = 1.0
-             ) -> dict[str, torch.Tensor]:
+def dml_loss(logits: Sequence[torch.Tensor], labels: torch.Tensor, temperature: float = 1.0,
+             standardize: bool = False) -> dict[str, torch.Tensor]:
     """DML's loss of all peers as named terms: ``sum_k L_k`` with
     ``L_k = CE(z_k) + 1/(m-1) sum_{j != k} KL_T(z_j -> z_k)``.
 
@@ -54,12 +57,13 @@ def dml_loss(logits: Sequence[torch.Tensor], labels: torch.Tensor, temperature: 
         logits: ``m`` tensors ``(B, K)``.
         labels: ``(B,)`` class indices.
         temperature: ``T``.
+        standardize: logit standardization of the KL terms.
     Returns:
         ``{"loss_ce": sum_k CE(z_k), "loss_kl": mutual_kl(logits, T)}``.
     """
     return {
         "loss_ce": sum(F.cross_entropy(z.float(), labels) for z in logits),
-        "loss_kl": mutual_kl(logits, temperature),
+        "loss_kl": mutual_kl(logits, temperature, standardize),
     }
 
 
@@ -76,6 +80,7 @@ class DML(BestPeerDeployment, Method):
         peers: int | None = None  #: number of peers, 2 to 16 (default 2, or the length of ``models``)
         temperature: float = 1.0  #: T of the peer KL terms (1 in the paper)
         batched_peers: bool = False  #: run same-architecture peers as one vmap-ed computation
+        logit_std: bool = False  #: z-score the logits before the KL softmax (Sun et al. 2024)
 
         def validate(self) -> None:
             check_peer_count(self.peers, "peers")
@@ -92,7 +97,8 @@ class DML(BestPeerDeployment, Method):
 
     def training_step(self, images: torch.Tensor, labels: torch.Tensor, epoch: int
                       ) -> dict[str, torch.Tensor]:
-        return dml_loss(self.peers(images).logits, labels, self.options.temperature)
+        return dml_loss(self.peers(images).logits, labels, self.options.temperature,
+                        self.options.logit_std)
 
     def eval_logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = self.peers(images).logits

@@ -54,6 +54,7 @@ class FFL(FusedDeployment, FusionOnlineMethod):
         rampup_epochs: float | None = None  #: R of the sigmoid ramp-up (default 80/300 of the epochs)
         fusion_weight_decay: float = 1e-5  #: weight decay of the fusion module and fused classifier
         batched_peers: bool = False  #: run same-architecture sub-networks as one vmap-ed computation
+        logit_std: bool = False  #: z-score the logits before the KL softmax (Sun et al. 2024)
         deploy: str = "best_peer"  #: "best_peer" (one sub-network) or "fused" (all of them + the fusion module)
 
         def validate(self) -> None:
@@ -82,6 +83,7 @@ class FFLS(FusionOnlineMethod):
         rampup_epochs: float | None = None  #: R of the sigmoid ramp-up (default 80/300 of the epochs)
         fusion_weight_decay: float = 1e-5  #: weight decay of the fusion module and fused classifier
         batched_peers: bool = False  #: run the branches as one vmap-ed computation
+        logit_std: bool = False  #: z-score the logits before the KL softmax (Sun et al. 2024)
 
         def validate(self) -> None:
             check_peer_count(self.branches, "branches")

@@ -49,6 +49,7 @@ class FitNetOptions:
         ce_weight: ``gamma``, weight of the cross-entropy with the labels.
         kd_weight: ``alpha``, weight of an optional Hinton KD term (0 = off).
         temperature: ``T`` of the optional KD term.
+        logit_std: logit standardization of the optional KD term (Sun et al., CVPR 2024).
         student_stage: index of the guided student stage (negative from the end; ``None`` = middle).
         teacher_stage: index of the hint teacher stage (negative from the end; ``None`` = middle).
     """
@@ -57,6 +58,7 @@ class FitNetOptions:
     ce_weight: float = 1.0
     kd_weight: float = 0.0
     temperature: float = 4.0
+    logit_std: bool = False
     student_stage: int | None = None
     teacher_stage: int | None = None
 

@@ -91,6 +91,7 @@ class FMFSDOptions:
     fuse_deepest: bool = True  #: include the deepest map G_L (its mask and H_L) in the fusion
     residual: bool = False  #: H_i = G_i + G_i * A_bar instead of G_i * A_bar
     kernel_size: int = 7  #: of the spatial-enhancement convolutions
+    logit_std: bool = False  #: z-score the logits before the KL softmax (Sun et al. 2024)
 
     def validate(self) -> None:
         if min(self.alpha, self.gamma, self.feature_weight) < 0:
@@ -173,8 +174,10 @@ class FMFSD(BranchedSelfMethod):
             "loss_ce_branches": sum(F.cross_entropy(z.float(), labels) for z in out.branch_logits),
             "loss_ce_net": F.cross_entropy(out.deep_logits.float(), labels),
             "loss_ce_fused": F.cross_entropy(out.fused_logits.float(), labels),
-            "loss_kd_net": o.alpha * sum(kl_div(z, out.deep_logits, o.temperature) for z in out.branch_logits),
-            "loss_kd_fused": o.gamma * sum(kl_div(z, out.fused_logits, o.temperature) for z in out.branch_logits),
+            "loss_kd_net": o.alpha * sum(kl_div(z, out.deep_logits, o.temperature, o.logit_std)
+                                         for z in out.branch_logits),
+            "loss_kd_fused": o.gamma * sum(kl_div(z, out.fused_logits, o.temperature, o.logit_std)
+                                           for z in out.branch_logits),
             "loss_feat": o.feature_weight * sum((g.float() - target).pow(2).mean() for g in out.branch_maps),
         }
 

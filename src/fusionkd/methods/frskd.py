@@ -211,6 +211,7 @@ class FRSKDOptions:
     depth: int = 2  #: depth of the self-teacher's separable blocks
     upsample: str = "bilinear"  #: "bilinear" (the paper) or "nearest" (the released code)
     rampup_epochs: float = 0.0  #: R of a sigmoid ramp-up of the KD and AT weights (0: none, the paper; ours, >= 0)
+    logit_std: bool = False  #: z-score the logits before the KL softmax (Sun et al. 2024)
 
     def validate(self) -> None:
         if self.alpha < 0 or self.beta < 0:
@@ -288,7 +289,7 @@ class FRSKD(NetDeployment, Method):
         ``w = weight``, the ramp-up (:meth:`rampup_weight`; 1 = the paper's loss).
         """
         o = self.options
-        kd = kl_div(out.logits, out.teacher_logits, o.temperature)
+        kd = kl_div(out.logits, out.teacher_logits, o.temperature, o.logit_std)
         at = sum(attention_transfer(f, t) for f, t in zip(out.maps, out.refined))
         if weight != 1.0:  # weight 1: exactly the paper's expression, bit for bit
             kd, at = weight * kd, weight * at

@@ -82,6 +82,7 @@ def fusion_mutual_loss(
     labels: torch.Tensor,
     weight: float,
     temperature: float = 3.0,
+    standardize: bool = False,
 ) -> dict[str, torch.Tensor]:
     """FFL's loss **[code]** as named terms (Kim et al., ICPR 2020, METHODS.md section 1).
 
@@ -100,6 +101,7 @@ def fusion_mutual_loss(
         labels: ``(B,)`` class indices.
         weight: ``w(t)``.
         temperature: ``T``.
+        standardize: logit standardization of the KL terms (:func:`~.losses.standardize_logits`).
     Returns:
         ``{"loss_ce": sum_k CE(z_k), "loss_ce_fused": CE(z_f), "loss_kd_sub": w sum_k KL_T(z_f -> z_k),
         "loss_kd_fused": w KL_T(z_e -> z_f)}``, each a float32 scalar.
@@ -108,6 +110,7 @@ def fusion_mutual_loss(
     return {
         "loss_ce": sum(F.cross_entropy(z.float(), labels) for z in sub_logits),
         "loss_ce_fused": F.cross_entropy(fused_logits.float(), labels),
-        "loss_kd_sub": weight * sum(kl_div(z, fused_logits, temperature) for z in sub_logits),
-        "loss_kd_fused": weight * kl_div(fused_logits, ensemble, temperature),
+        "loss_kd_sub": weight * sum(kl_div(z, fused_logits, temperature, standardize)
+                                    for z in sub_logits),
+        "loss_kd_fused": weight * kl_div(fused_logits, ensemble, temperature, standardize),
     }

@@ -63,7 +63,8 @@ class FusionOnlineMethod(BestPeerDeployment, Method):
     def training_step(self, images: torch.Tensor, labels: torch.Tensor, epoch: int
                       ) -> dict[str, torch.Tensor]:
         logits, fused = self._forward(images)
-        return fusion_mutual_loss(logits, fused, labels, self.rampup_weight(epoch), self.options.temperature)
+        return fusion_mutual_loss(logits, fused, labels, self.rampup_weight(epoch), self.options.temperature,
+                                  getattr(self.options, "logit_std", False))
 
     def eval_logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         logits, fused = self._forward(images)

@@ -31,11 +31,14 @@ class KDOptions:
         ce_weight: ``gamma``, weight of the cross-entropy with the labels.
         kd_weight: ``alpha``, weight of the soft-label term ``T^2 * KL``.
         temperature: ``T``, the softening temperature.
+        logit_std: apply logit standardization to the KL term (z-score both sides' logits before
+            dividing by ``T``; Sun et al., CVPR 2024). ``T^2`` is kept.
     """
 
     ce_weight: float = 0.1
     kd_weight: float = 0.9
     temperature: float = 4.0
+    logit_std: bool = False
 
     def validate(self) -> None:
         check_weights(ce_weight=self.ce_weight, kd_weight=self.kd_weight)
@@ -53,13 +56,15 @@ def kd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
         student_logits, teacher_logits: ``(B, K)``.
         labels: ``(B,)`` class ids.
         options: anything with ``ce_weight``, ``kd_weight`` and ``temperature`` (the options of
-            ``kd``, ``fitnet`` and ``at``, whose classifier terms are these two).
+            ``kd``, ``fitnet`` and ``at``, whose classifier terms are these two); an optional
+            ``logit_std`` standardizes the logits of the KL term.
     """
     terms: dict[str, torch.Tensor] = {}
     if options.ce_weight > 0:
         terms["loss_ce"] = options.ce_weight * F.cross_entropy(student_logits.float(), labels)
     if options.kd_weight > 0:
-        terms["loss_kd"] = options.kd_weight * kl_div(student_logits, teacher_logits, options.temperature)
+        terms["loss_kd"] = options.kd_weight * kl_div(student_logits, teacher_logits, options.temperature,
+                                                     standardize=getattr(options, "logit_std", False))
     return terms
 
 

@@ -12,7 +12,30 @@ import torch
 import torch.nn.functional as F
 
 
-def kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Per-sample z-score of the logits over the classes: ``(z - mean(z)) / (eps + std(z))``, in float32.
+
+    Sun, Ren, Li, Wang, Cao, "Logit Standardization in Knowledge Distillation", CVPR 2024. The conventions
+    are those of the authors' ``normalize`` (``mdistiller/distillers/KD.py``): mean and standard deviation
+    over the last (class) dimension, the sample (unbiased, ``K - 1``) standard deviation, and ``eps``
+    added to the standard deviation (not under the square root). A row with a single class has no
+    standard deviation; it is returned centred (all zeros).
+
+    Args:
+        logits: ``(..., K)``.
+        eps: added to the standard deviation so that a constant row gives zeros, not NaN.
+    Returns:
+        A float32 tensor of the same shape.
+    """
+    z = logits.float()
+    centred = z - z.mean(dim=-1, keepdim=True)
+    if z.shape[-1] < 2:
+        return centred
+    return centred / (eps + z.std(dim=-1, keepdim=True))
+
+
+def kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+           standardize: bool = False) -> torch.Tensor:
     """Hinton's soft-label loss ``T^2 * KL(softmax(t/T) || softmax(s/T))``, averaged over the batch.
 
     Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", 2015. The teacher side is
@@ -22,12 +45,19 @@ def kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatu
         student_logits: ``(B, K)``.
         teacher_logits: ``(B, K)``; detached inside.
         temperature: ``T > 0``.
+        standardize: z-score both sides with :func:`standardize_logits` before dividing by ``T``
+            (logit standardization, Sun et al. CVPR 2024); the ``T^2`` factor is kept, as in the
+            authors' code.
     Returns:
         A scalar tensor.
     """
     t = float(temperature)
-    log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
-    log_p_t = F.log_softmax(teacher_logits.detach().float() / t, dim=1)
+    zs = student_logits.float()
+    zt = teacher_logits.detach().float()
+    if standardize:
+        zs, zt = standardize_logits(zs), standardize_logits(zt)
+    log_p_s = F.log_softmax(zs / t, dim=1)
+    log_p_t = F.log_softmax(zt / t, dim=1)
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
 
 

@@ -60,6 +60,7 @@ class MFEF(FusedDeployment, FusionOnlineMethod):
         fusion_weight_decay: float = 1e-5  #: weight decay of the MFEF blocks + fusion module
         peer_kl: float = 0.0  #: weight of DML's peer KL terms between students (0: off, 1: DML's terms)
         batched_peers: bool = False  #: run same-architecture students as one vmap-ed computation
+        logit_std: bool = False  #: z-score the logits before the KL softmax (Sun et al. 2024) (all KL terms)
         deploy: str = "best_peer"  #: "best_peer" (one student) or "fused" (all + MFEF blocks + fusion module)
 
         def validate(self) -> None:
@@ -88,7 +89,8 @@ class MFEF(FusedDeployment, FusionOnlineMethod):
     def training_step(self, images: torch.Tensor, labels: torch.Tensor, epoch: int
                       ) -> dict[str, torch.Tensor]:
         logits, fused = self._forward(images)
-        terms = fusion_mutual_loss(logits, fused, labels, self.rampup_weight(epoch), self.options.temperature)
+        terms = fusion_mutual_loss(logits, fused, labels, self.rampup_weight(epoch), self.options.temperature,
+                                   self.options.logit_std)
         if self.options.peer_kl > 0:
-            terms["loss_kl_peer"] = self.options.peer_kl * mutual_kl(logits, 1.0)
+            terms["loss_kl_peer"] = self.options.peer_kl * mutual_kl(logits, 1.0, self.options.logit_std)
         return terms

@@ -71,6 +71,7 @@ class MFKDOptions:
         fusion: ``"concat"`` (concat -> 1x1 conv -> BN -> ReLU) or ``"weighted"`` (fast-normalised sum).
         fusion_epochs: length of the fusion stage; ``None`` = 10 % of the run, at least 1.
         fusion_stage_student: what the student does during the fusion stage: ``"ce_kd"``, ``"ce"``, ``"wait"``.
+        logit_std: logit standardization of the KD term (Sun et al., CVPR 2024).
     """
 
     ce_weight: float = 1.0
@@ -82,6 +83,7 @@ class MFKDOptions:
     fusion: str = "concat"
     fusion_epochs: int | None = None
     fusion_stage_student: str = "ce_kd"
+    logit_std: bool = False
 
     def validate(self) -> None:
         check_weights(ce_weight=self.ce_weight, kd_weight=self.kd_weight, feat_weight=self.feat_weight)
@@ -302,7 +304,8 @@ class MFKD(OfflineMethod):
         terms["loss_ce"] = opts.ce_weight * F.cross_entropy(s_logits.float(), labels)
         if opts.kd_weight > 0:
             use_kd = fused is not None or opts.fusion_stage_student == "ce_kd"
-            terms["loss_kd"] = opts.kd_weight * kl_div(s_logits, t_logits, opts.temperature) if use_kd else zero
+            terms["loss_kd"] = (opts.kd_weight * kl_div(s_logits, t_logits, opts.temperature, opts.logit_std)
+                                if use_kd else zero)
         if fused is not None and self.connector is not None:
             student = match_size(self.connector(s_maps[-1]), fused.shape[-2:])
             terms["loss_feat"] = opts.feat_weight * feature_loss(student, fused)

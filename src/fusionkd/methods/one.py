@@ -56,7 +56,8 @@ def gated_logits(branch_logits: Sequence[torch.Tensor], gate: torch.Tensor) -> t
 
 
 def one_loss(branch_logits: Sequence[torch.Tensor], teacher_logits: torch.Tensor, labels: torch.Tensor,
-             weight: float = 1.0, temperature: float = 3.0) -> dict[str, torch.Tensor]:
+             weight: float = 1.0, temperature: float = 3.0, standardize: bool = False
+             ) -> dict[str, torch.Tensor]:
     """ONE's loss as named terms: ``sum_k CE(z_k) + CE(z_t) + w sum_k KL_T(z_t -> z_k)``.
 
     Lan et al., "Knowledge Distillation by On-the-Fly Native Ensemble", NeurIPS 2018, eq. (5).
@@ -68,13 +69,14 @@ def one_loss(branch_logits: Sequence[torch.Tensor], teacher_logits: torch.Tensor
         labels: ``(B,)``.
         weight: ``w(t)``.
         temperature: ``T``.
+        standardize: logit standardization of the KL terms (:func:`~.losses.standardize_logits`).
     Returns:
         ``{"loss_ce": sum_k CE(z_k), "loss_ce_gate": CE(z_t), "loss_kd": w sum_k KL_T(z_t -> z_k)}``.
     """
     return {
         "loss_ce": sum(F.cross_entropy(z.float(), labels) for z in branch_logits),
         "loss_ce_gate": F.cross_entropy(teacher_logits.float(), labels),
-        "loss_kd": weight * sum(kl_div(z, teacher_logits, temperature) for z in branch_logits),
+        "loss_kd": weight * sum(kl_div(z, teacher_logits, temperature, standardize) for z in branch_logits),
     }
 
 
@@ -91,6 +93,7 @@ class ONE(BestPeerDeployment, Method):
         temperature: float = 3.0  #: T of the KL terms
         rampup_epochs: float = 0.0  #: R of a sigmoid ramp-up of the KL weight (0: none, as in METHODS.md)
         batched_peers: bool = False  #: run the branches as one vmap-ed computation
+        logit_std: bool = False  #: z-score the logits before the KL softmax (Sun et al. 2024)
 
         def validate(self) -> None:
             check_peer_count(self.branches, "branches")
@@ -116,7 +119,8 @@ class ONE(BestPeerDeployment, Method):
                       ) -> dict[str, torch.Tensor]:
         branch_logits, teacher = self._forward(images)
         weight = sigmoid_rampup(epoch, self.options.rampup_epochs)
-        return one_loss(branch_logits, teacher, labels, weight, self.options.temperature)
+        return one_loss(branch_logits, teacher, labels, weight, self.options.temperature,
+                        self.options.logit_std)
 
     def eval_logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         branch_logits, teacher = self._forward(images)
