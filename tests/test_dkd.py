@@ -16,7 +16,8 @@ from test_offline_engine import assert_option_refused, assert_teacher_unchanged,
 from fusionkd.engine.checkpoint import load_checkpoint
 from fusionkd.engine.config import build_options, resolve_config
 from fusionkd.methods import METHODS, MethodContext, Teacher
-from fusionkd.methods.dkd import DKDOptions, dkd_loss, dkd_terms, dkd_warmup
+from fusionkd.methods._offline import warmup_factor
+from fusionkd.methods.dkd import DKDOptions, dkd_loss, dkd_terms
 from fusionkd.models import create_model
 
 
@@ -146,11 +147,11 @@ def test_a_very_confident_teacher_gives_finite_losses_and_gradients():
 # ----------------------------------------------------------------------------- warm-up
 def test_warmup_counts_epochs_from_one_as_mdistiller_does():
     # mdistiller: min(epoch / 20, 1) with epochs 1, 2, ...; fusionkd's epoch 0 is their epoch 1
-    assert dkd_warmup(0, 20) == pytest.approx(1 / 20)
-    assert dkd_warmup(9, 20) == pytest.approx(0.5)
-    assert dkd_warmup(19, 20) == 1.0
-    assert dkd_warmup(30, 20) == 1.0
-    assert dkd_warmup(0, 0) == 1.0  # no warm-up
+    assert warmup_factor(0, 20) == pytest.approx(1 / 20)
+    assert warmup_factor(9, 20) == pytest.approx(0.5)
+    assert warmup_factor(19, 20) == 1.0
+    assert warmup_factor(30, 20) == 1.0
+    assert warmup_factor(0, 0) == 1.0  # no warm-up
     s, t, y = torch.tensor(S), torch.tensor(TT), torch.tensor(Y)
     full = dkd_terms(s, t, y, DKDOptions(), epoch=30)
     for epoch, factor in [(0, 0.05), (9, 0.5), (19, 1.0)]:

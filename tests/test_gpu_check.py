@@ -107,3 +107,13 @@ def test_every_cuda_test_is_in_a_file_the_check_collects():
     assert ids, proc.stdout[-2000:]
     files = {ln.split("::")[0] for ln in ids}
     assert files <= set(listed), files - set(listed)
+
+
+def test_table_without_fashion_mnist_is_skipped_and_said(tmp_path):
+    out = tmp_path / "out"
+    proc = _run(str(out), "--dry-run", "--device", "cpu", "--stages", "table", "--data-dir", str(tmp_path / "none"),
+                "--work", str(tmp_path / "work"), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    n = json.loads((out / "numbers.json").read_text())
+    assert "skipped" in n["table"] and "stage skipped" in (out / "log.txt").read_text()
+    assert not (tmp_path / "work" / "table").exists()  # nothing trained

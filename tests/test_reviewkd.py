@@ -15,7 +15,8 @@ from test_offline_engine import assert_option_refused, assert_teacher_unchanged,
 from fusionkd.engine.checkpoint import load_checkpoint
 from fusionkd.engine.config import build_options, resolve_config
 from fusionkd.methods import METHODS, MethodContext, Teacher
-from fusionkd.methods.reviewkd import ABF, ReviewKDOptions, hcl_loss, review_fuse, reviewkd_warmup
+from fusionkd.methods._offline import warmup_factor
+from fusionkd.methods.reviewkd import ABF, ReviewKDOptions, hcl_loss, review_fuse
 from fusionkd.models import create_model
 
 
@@ -116,11 +117,11 @@ def test_fusion_runs_deepest_first_and_carries_the_residual_up():
 
 # ----------------------------------------------------------------------------- warm-up
 def test_warmup_counts_epochs_from_one_as_mdistiller_does():
-    assert reviewkd_warmup(0, 20) == pytest.approx(1 / 20)
-    assert reviewkd_warmup(9, 20) == pytest.approx(0.5)
-    assert reviewkd_warmup(19, 20) == 1.0
-    assert reviewkd_warmup(30, 20) == 1.0
-    assert reviewkd_warmup(0, 0) == 1.0
+    assert warmup_factor(0, 20) == pytest.approx(1 / 20)
+    assert warmup_factor(9, 20) == pytest.approx(0.5)
+    assert warmup_factor(19, 20) == 1.0
+    assert warmup_factor(30, 20) == 1.0
+    assert warmup_factor(0, 0) == 1.0
 
 
 # ----------------------------------------------------------------------------- what one step trains

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..models import stage_maps
 from .base import Method, MethodContext, NetDeployment
+from .losses import linear_rampup
 
 
 class OfflineMethod(NetDeployment, Method):
@@ -151,6 +152,17 @@ def set_trainable(module: nn.Module, trainable: bool) -> None:
         p.requires_grad_(trainable)
         if not trainable:
             p.grad = None
+
+
+def check_warmup(warmup_epochs: int) -> None:
+    if warmup_epochs < 0:
+        raise ValueError(f"warmup_epochs must be >= 0 (0 = no warm-up), got {warmup_epochs}")
+
+
+def warmup_factor(epoch: int, warmup_epochs: int) -> float:
+    """The factor of a warmed-up loss term at fusionkd's 0-based ``epoch``: ``min((epoch + 1) / W, 1)``,
+    i.e. mdistiller's ``min(epoch / W, 1)`` with its 1-based epoch (DKD, ReviewKD); 1 when ``W = 0``."""
+    return linear_rampup(epoch + 1, warmup_epochs)
 
 
 def check_temperature(temperature: float) -> None:

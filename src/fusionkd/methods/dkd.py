@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ._offline import OfflineMethod, check_temperature, check_weights
+from ._offline import OfflineMethod, check_temperature, check_warmup, check_weights, warmup_factor
 from .base import register_method
-from .losses import linear_rampup, standardize_logits
+from .losses import standardize_logits
 
 
 @dataclass
@@ -59,14 +59,8 @@ class DKDOptions:
     def validate(self) -> None:
         check_weights(ce_weight=self.ce_weight, alpha=self.alpha, beta=self.beta)
         check_temperature(self.temperature)
-        if self.warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be >= 0 (0 = no warm-up), got {self.warmup_epochs}")
+        check_warmup(self.warmup_epochs)
 
-
-def dkd_warmup(epoch: int, warmup_epochs: int) -> float:
-    """The factor of the DKD terms at fusionkd's 0-based ``epoch``: ``min((epoch + 1) / W, 1)``
-    (mdistiller's ``min(epoch / W, 1)`` with its 1-based epoch); 1 when ``W = 0``."""
-    return linear_rampup(epoch + 1, warmup_epochs)
 
 
 def _dkd_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
@@ -132,13 +126,13 @@ def dkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels
     """The weighted terms of DKD at fusionkd's 0-based ``epoch``.
 
     ``loss_ce = ce_weight * CE``, ``loss_tckd = w * alpha * TCKD``, ``loss_nckd = w * beta * NCKD`` with the
-    warm-up factor ``w = dkd_warmup(epoch, warmup_epochs)``. A term whose weight is 0 is left out.
+    warm-up factor ``w = warmup_factor(epoch, warmup_epochs)``. A term whose weight is 0 is left out.
     """
     terms: dict[str, torch.Tensor] = {}
     if options.ce_weight > 0:
         terms["loss_ce"] = options.ce_weight * F.cross_entropy(student_logits.float(), labels)
     if options.alpha > 0 or options.beta > 0:
-        w = dkd_warmup(epoch, options.warmup_epochs)
+        w = warmup_factor(epoch, options.warmup_epochs)
         tckd, nckd = dkd_loss(student_logits, teacher_logits, labels, options.temperature,
                               getattr(options, "logit_std", False))
         if options.alpha > 0:

@@ -34,9 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._offline import OfflineMethod, check_weights, match_size
+from ._offline import OfflineMethod, check_warmup, check_weights, match_size, warmup_factor
 from .base import MethodContext, register_method
-from .losses import linear_rampup
 
 #: HCL's pooled sizes, in the order that halves their weight (mdistiller's ``[4, 2, 1]``)
 HCL_SIZES = (4, 2, 1)
@@ -68,16 +67,10 @@ class ReviewKDOptions:
         if self.ce_weight == 0:
             raise ValueError("ce_weight must be > 0: the cross-entropy is the only term that trains the "
                              "student's classifier")
-        if self.warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be >= 0 (0 = no warm-up), got {self.warmup_epochs}")
+        check_warmup(self.warmup_epochs)
         if self.max_mid_channels < 1:
             raise ValueError(f"max_mid_channels must be >= 1, got {self.max_mid_channels}")
 
-
-def reviewkd_warmup(epoch: int, warmup_epochs: int) -> float:
-    """The HCL factor at fusionkd's 0-based ``epoch``: ``min((epoch + 1) / W, 1)`` (mdistiller's
-    ``min(epoch / W, 1)`` with its 1-based epoch); 1 when ``W = 0``."""
-    return linear_rampup(epoch + 1, warmup_epochs)
 
 
 def hcl_loss(student: list[torch.Tensor], teacher: list[torch.Tensor],
@@ -200,7 +193,7 @@ class ReviewKD(OfflineMethod):
         terms = {"loss_ce": opts.ce_weight * F.cross_entropy(s_logits.float(), labels)}
         if self.abfs is not None:
             fused, t_levels = self.review_terms(s_maps, t_maps)
-            w = reviewkd_warmup(epoch, opts.warmup_epochs)
+            w = warmup_factor(epoch, opts.warmup_epochs)
             terms["loss_review"] = (w * opts.review_weight) * hcl_loss(fused, t_levels)
         return terms
 
