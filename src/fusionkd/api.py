@@ -166,7 +166,11 @@ def evaluate_checkpoint(checkpoint: str | Path, *, dataset: str | None = None, d
             return {head: net(x)}
     else:
         cfg: Config = build_dataclass(Config, cfg_d)
-        method = build_method(cfg, info, dev, teacher_meta=ckpt.get("teacher"))
+        # a method with a per-sample state (CRD's memory bank) is sized by the training split: only the size
+        # matters here, the state itself comes from the checkpoint
+        n_train = int(((ckpt.get("data") or {}).get("sizes") or {}).get("train") or 0)
+        method = build_method(cfg, info, dev, teacher_meta=ckpt.get("teacher"),
+                              train_labels=torch.arange(n_train) % max(len(info.classes), 1))
         load_weights_strict(method, ckpt["method_state"], f"a {cfg.method} on {cfg.model} (as its config says)")
         method.eval()
         head = method.deploy_head

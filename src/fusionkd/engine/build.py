@@ -31,11 +31,13 @@ LARGE_INPUT = 128
 
 
 def build_method(cfg: Config, info: DatasetInfo, device: torch.device,
-                 teacher_meta: dict[str, Any] | None = None, load_weights: bool = False) -> Method:
+                 teacher_meta: dict[str, Any] | None = None, load_weights: bool = False,
+                 train_labels: Any = None) -> Method:
     """Construct the configured method for data ``info`` (loading the teacher when it needs one).
 
     ``load_weights``: initialise the networks from ``cfg.weights`` (a new run; a resumed or evaluated one
-    gets its weights from the checkpoint)."""
+    gets its weights from the checkpoint). ``train_labels``: the training split's labels, handed to a method
+    that ``needs_indices`` as ``ctx.train_labels`` (ignored for the others)."""
     method_cls = METHODS.get(cfg.method)
     options = build_options(method_cls, cfg.options, cfg.method)
     teacher = build_teacher(cfg, info, device, teacher_meta) if method_cls.needs_teacher else None
@@ -43,6 +45,8 @@ def build_method(cfg: Config, info: DatasetInfo, device: torch.device,
         model=cfg.model, models=list(cfg.models or []), num_classes=len(info.classes), in_chans=info.in_chans,
         image_size=info.image_size, epochs=cfg.epochs, teacher=teacher,
         weights=cfg.weights if load_weights else None,
+        train_labels=(torch.as_tensor(train_labels).long().cpu()
+                      if method_cls.needs_indices and train_labels is not None else None),
     )
     method = method_cls(ctx, options)
     return method.to(device)
@@ -149,12 +153,14 @@ def build_run(cfg: Config, device: torch.device, dist_info: D.DistInfo, ckpt: di
     weights it takes instead of ``cfg.weights``), its loaders, optimizer, schedule and precision."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    needs_indices = METHODS.get(cfg.method).needs_indices  # MixUp/CutMix were refused with it by the config
     seed_everything(cfg.seed)  # the same seed on every rank: identical initial weights
     splits = load_data(cfg, use_test)
     info = splits.info
     fingerprint = data_fingerprint(splits)
     try:
-        method = build_method(cfg, info, device, teacher_meta=(ckpt or {}).get("teacher"), load_weights=ckpt is None)
+        method = build_method(cfg, info, device, teacher_meta=(ckpt or {}).get("teacher"), load_weights=ckpt is None,
+                              train_labels=splits.train.labels if needs_indices else None)
     except WeightsError as e:
         raise ConfigError(f"weights: {e}") from None
     if cfg.sync_bn and dist_info.enabled:
@@ -172,6 +178,7 @@ def build_run(cfg: Config, device: torch.device, dist_info: D.DistInfo, ckpt: di
         mixup=aug.mixup, cutmix=aug.cutmix, mix_prob=aug.mix_prob, randaugment=aug.randaugment,
         randaugment_magnitude=aug.randaugment_magnitude, num_classes=len(info.classes),
         seed=cfg.seed, channels_last=cfg.channels_last, rank=dist_info.rank, world_size=dist_info.world_size,
+        with_indices=needs_indices,  # batches (images, labels, dataset indices) for a per-sample state
     )
     eval_kw = dict(batch_size=cfg.eval_batch_size, train=False, device=device, channels_last=cfg.channels_last,
                    rank=dist_info.rank, world_size=dist_info.world_size)

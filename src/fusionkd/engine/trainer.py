@@ -335,9 +335,9 @@ class Trainer:
         t0 = time.perf_counter()
         params = [p for g in optimizer.param_groups for p in g["params"]]
         steps = 0
-        for step, (images, labels) in enumerate(loader):
+        for step, (images, labels, *indices) in enumerate(loader):  # indices: only for a method that needs_indices
             with amp:
-                terms = model(images, labels, epoch)  # Method.forward is training_step (DDP needs forward)
+                terms = model(images, labels, epoch, *indices)  # Method.forward is training_step (DDP needs forward)
             if not terms:
                 raise RuntimeError(f"method {cfg.method!r} returned no loss terms")
             loss = sum(v.float() for v in terms.values())

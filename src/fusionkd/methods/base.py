@@ -12,6 +12,12 @@ self-teachers, branches; a frozen teacher too) and exposes:
 * ``deploy_model()``: the plain network a user keeps, auxiliary parts dropped;
 * ``extra_parameters()``: how many parameters the method adds on top of the deployed network.
 
+A method that keeps per-sample state across steps (CRD's memory bank) sets ``needs_indices = True``: the
+engine then also passes each training batch's dataset indices, ``training_step(images, labels, epoch,
+indices=...)`` (int64 ``(B,)``, positions in the training split, on the batch's device), fills
+``ctx.train_labels`` with the training split's labels in that order, and refuses MixUp / CutMix (a mixed
+image is two samples). Every other method keeps the three-argument ``training_step``.
+
 The loop, devices, precision, checkpoints and logging live in the engine, never in a method.
 Adding a method is writing one file in ``fusionkd/methods/`` that defines a subclass and registers it
 with ``@register_method("name", "one-line description")``; the package imports every module in the
@@ -97,6 +103,9 @@ class MethodContext:
     weights: str | None = None
     #: what loading ``weights`` did, the first time (logged once, kept for the summary)
     weights_report: Any = None
+    #: int64 ``(N,)``: the class of every training sample, by dataset index (the indices a method with
+    #: ``needs_indices`` receives); filled by the engine only for such methods, else ``None``
+    train_labels: torch.Tensor | None = None
 
     def create(self, name: str | None = None, pretrained: bool = True) -> nn.Module:
         """Create a network of zoo name ``name`` (default: the main model) for this data, initialised from
@@ -135,6 +144,8 @@ class Method(nn.Module):
             a user who sets any of them gets no warning); ``None``: every float-typed option.
         short_run_advice: what was measured for short runs (settings, where), appended to the warning;
             ``{epochs}`` in it becomes the run's length.
+        needs_indices: the method needs each training sample's dataset index (see the module docstring):
+            ``training_step`` then takes ``indices=``, and ``ctx.train_labels`` is filled.
     """
 
     name: ClassVar[str] = ""
@@ -144,6 +155,7 @@ class Method(nn.Module):
     recipe_epochs: ClassVar[int | None] = None
     recipe_options: ClassVar[tuple[str, ...] | None] = None
     short_run_advice: ClassVar[str] = ""
+    needs_indices: ClassVar[bool] = False
 
     def __init__(self, ctx: MethodContext, options: Any = None) -> None:
         super().__init__()
@@ -196,8 +208,12 @@ class Method(nn.Module):
         """Anything the method wants in ``summary.json`` (e.g. a teacher's accuracy)."""
         return {}
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
-        """``training_step``: the engine calls the method (or its DDP wrapper) like a module."""
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, epoch: int,
+                indices: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``training_step``: the engine calls the method (or its DDP wrapper) like a module. ``indices``
+        (the batch's dataset indices) reach ``training_step`` only when the method ``needs_indices``."""
+        if self.needs_indices:
+            return self.training_step(images, labels, epoch, indices=indices)
         return self.training_step(images, labels, epoch)
 
     def warn_short_run(self, epochs: int, user_options: Mapping[str, Any] | None,

@@ -71,6 +71,9 @@ class DeviceLoader(EpochSharding):
         seed: base seed of the permutation and the augmentation.
         rank, world_size: this process's shard.
         channels_last: return batches in ``torch.channels_last`` memory format.
+        with_indices: training batches are ``(images, labels, indices)``, ``indices`` the int64 ``(B,)``
+            dataset indices of the batch on the device (for a method with per-sample state, e.g. CRD's
+            memory bank); not with MixUp / CutMix, whose images are two samples each.
 
     Attributes:
         num_samples: samples this rank serves per epoch (incomplete last batch included unless dropped).
@@ -102,6 +105,7 @@ class DeviceLoader(EpochSharding):
         rank: int = 0,
         world_size: int = 1,
         channels_last: bool = False,
+        with_indices: bool = False,
     ) -> None:
         if isinstance(norm, DatasetInfo):
             mean, std = norm.mean, norm.std
@@ -130,6 +134,10 @@ class DeviceLoader(EpochSharding):
                              f"cutmix={cutmix}, mix_prob={mix_prob}")
         if (mixup > 0 or cutmix > 0) and not num_classes:
             raise ValueError("mixup/cutmix make soft targets: pass num_classes")
+        if with_indices and (mixup > 0 or cutmix > 0):
+            raise ValueError("with_indices cannot be combined with mixup/cutmix: a mixed image is two samples, so "
+                             "it has no single dataset index")
+        self.with_indices = bool(with_indices)
         if not isinstance(randaugment, int) or randaugment < 0 or not 0 <= randaugment_magnitude <= MAX_MAGNITUDE:
             raise ValueError(f"randaugment must be an int >= 0 and randaugment_magnitude in 0..{MAX_MAGNITUDE}, got "
                              f"{randaugment!r} and {randaugment_magnitude!r}")
@@ -194,7 +202,7 @@ class DeviceLoader(EpochSharding):
                 box = tuple(int(v) for v in mix.box[b])
                 images, labels = mix_batch(images, labels, self.num_classes, int(mix.mode[b]), float(mix.lam[b]),
                                            perms[b], box)
-            yield images, labels
+            yield (images, labels, idx) if self.with_indices else (images, labels)
 
     def _transform(self, x: torch.Tensor, draws: AugmentDraws | None, ra: RandAugmentDraws | None = None
                    ) -> torch.Tensor:

@@ -183,6 +183,8 @@ class StoreLoader(EpochSharding):
         workers: reader threads; default: the split's ``workers``.
         prefetch: batches read ahead.
         scale, ratio: the random-resized crop's ranges.
+        with_indices: training batches are ``(images, labels, indices)`` (the dataset indices of the batch,
+            int64 ``(B,)`` on the device), as :class:`~fusionkd.data.DeviceLoader` serves them.
     """
 
     def __init__(
@@ -208,6 +210,7 @@ class StoreLoader(EpochSharding):
         prefetch: int = 2,
         scale: tuple[float, float] = (0.08, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        with_indices: bool = False,
     ) -> None:
         if isinstance(norm, DatasetInfo):
             mean, std = norm.mean, norm.std
@@ -246,6 +249,7 @@ class StoreLoader(EpochSharding):
         self.workers = int(workers if workers is not None else data.workers)
         self.prefetch = prefetch
         self.scale, self.ratio = scale, ratio
+        self.with_indices = bool(with_indices)
         self._scale, self._shift = scale_shift(mean, std, (3, out, out), self.device, channels_last)
         self._init_sharding(len(data), batch_size, train, drop_last, seed, rank, world_size)
 
@@ -283,15 +287,18 @@ class StoreLoader(EpochSharding):
             s, e = spans[k]
             raw = torch.from_numpy(self.data.read(idx_np[s:e]))
             part = None if draws is None else draws[s:e]
-            return (self._transform(raw, part) if on_cpu else raw), labels[indices[s:e]], part
+            return (self._transform(raw, part) if on_cpu else raw), labels[indices[s:e]], part, indices[s:e]
 
         depth = max(self.prefetch, self.workers)
-        for x, y, part in _ordered_map(batch, len(spans), self.workers, depth):
+        for x, y, part, idx in _ordered_map(batch, len(spans), self.workers, depth):
             if not on_cpu:
                 x = x.pin_memory() if self.device.type == "cuda" else x
                 x = self._transform(x.to(self.device, non_blocking=True), part)
                 y = y.to(self.device, non_blocking=True)
-            yield x, y
+            if self.with_indices and self.train:
+                yield x, y, idx.to(self.device, non_blocking=True)
+            else:
+                yield x, y
 
     def _transform(self, x: torch.Tensor, draws: AugmentDraws | ResizedCropDraws | None) -> torch.Tensor:
         res, out = self.data.resolution, self.output_size
@@ -380,6 +387,9 @@ def make_loader(data: ArrayDataset | StoreSplit, norm, batch_size: int, **kwargs
         if ra:
             raise ValueError("augment.randaugment is not available for data read from a store (imagenet, cub200, "
                              "tinyimagenet, or storage=store); use it with in-memory data (storage=memory)")
+        if (mixup > 0 or cutmix > 0) and kwargs.get("with_indices"):
+            raise ValueError("with_indices cannot be combined with mixup/cutmix: a mixed image is two samples, so "
+                             "it has no single dataset index")
         loader = StoreLoader(data, norm, batch_size, **kwargs)
         if (mixup > 0 or cutmix > 0) and loader.train:
             return MixingStoreLoader(loader, mixup=mixup, cutmix=cutmix, mix_prob=mix_prob,

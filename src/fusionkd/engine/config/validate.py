@@ -130,6 +130,10 @@ def validate(cfg: Config) -> None:
             f"teacher_weights=FILE for a teacher from outside fusionkd"
         )
     check_teacher_keys(cfg, method_cls.needs_teacher)
+    if getattr(method_cls, "needs_indices", False) and (cfg.augment.mixup > 0 or cfg.augment.cutmix > 0):
+        raise ConfigError(f"method {cfg.method!r} keeps a state per training sample (it is given each sample's "
+                          "dataset index), and a MixUp/CutMix image is two samples at once: set augment.mixup=0 "
+                          "and augment.cutmix=0 for it")
     if cfg.models and not getattr(method_cls, "accepts_models", False):
         accepting = [e.name for e in METHODS.entries() if getattr(e.obj, "accepts_models", False)]
         raise ConfigError(
