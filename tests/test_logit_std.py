@@ -22,7 +22,7 @@ from fusionkd.models import create_model
 WITH_OPTION = {
     "kd": {}, "fitnet": {"kd_weight": 0.9}, "at": {"kd_weight": 0.9}, "dkd": {}, "mfkd": {},
     "dml": {}, "one": {}, "ffl": {}, "ffl_s": {}, "mfef": {"peer_kl": 1.0},
-    "frskd": {}, "byot": {}, "fmfsd": {},
+    "frskd": {}, "byot": {}, "fmfsd": {}, "crd": {"kd_weight": 0.9, "nce_k": 16, "feat_dim": 8},
 }
 
 
@@ -147,7 +147,8 @@ def build(name: str, **options) -> Method:
             t(torch.randn(8, 1, 16, 16))
         t.eval()
         teacher = Teacher(t, "resnet20", {"test_accuracy": 91.0, "path": "t.pt"})
-    ctx = MethodContext(model="resnet20", num_classes=10, in_chans=1, image_size=16, epochs=10, teacher=teacher)
+    ctx = MethodContext(model="resnet20", num_classes=10, in_chans=1, image_size=16, epochs=10, teacher=teacher,
+                        train_labels=torch.arange(40) % 10 if cls.needs_indices else None)
     return cls(ctx, cls.Options(**options))
 
 
@@ -158,6 +159,9 @@ def step(name: str, logit_std: bool) -> tuple[dict[str, torch.Tensor], Method]:
     m.on_epoch_start(epoch)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(4, 1, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g)
+    if m.needs_indices:  # crd: the batch's dataset indices, whose classes are the labels
+        idx = torch.arange(4) * 10 + y
+        return m.training_step(x, y, epoch, indices=idx), m
     return m.training_step(x, y, epoch), m
 
 
