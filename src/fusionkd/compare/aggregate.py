@@ -61,10 +61,19 @@ class RunRecord:
     dataset_label: str | None = None
 
     @property
+    def label(self) -> str:
+        """The run's row in a report: its method, or ``METHOD@VARIANT`` for a variant of a comparison
+        (``fusionkd compare --methods kd,kd@ls``), read from the run folder's parent
+        (``OUT/runs/<model>/<METHOD@VARIANT>/s<seed>``)."""
+        method = str(self.summary.get("method"))
+        parent = self.path.parent.name
+        return parent if parent.startswith(method + "@") and len(parent) > len(method) + 1 else method
+
+    @property
     def key(self) -> tuple[str, str, str]:
-        """``(dataset, model, method)``: the group this run is a seed of."""
+        """``(dataset, model, method label)``: the group this run is a seed of."""
         s = self.summary
-        return (self.dataset_label or str(s.get("dataset")), str(s.get("model")), str(s.get("method")))
+        return (self.dataset_label or str(s.get("dataset")), str(s.get("model")), self.label)
 
     @property
     def data_identity(self) -> tuple[str, str | None, str | None]:
@@ -183,7 +192,7 @@ def run_rows(rec: RunRecord) -> list[dict[str, Any]]:
     data = s.get("data") or {}
     params = s.get("params") or {}
     common = {
-        "dataset": rec.key[0], "model": s.get("model"), "method": s.get("method"),
+        "dataset": rec.key[0], "model": s.get("model"), "method": rec.label,
         "family": s.get("family"), "seed": s.get("seed"), "last_epoch": last.get("epoch"),
         "train_time_s": s.get("train_time_s"), "img_per_s": s.get("img_per_s"),
         "params_deploy": params.get("deploy"), "params_extra": params.get("extra"), "epochs": s.get("epochs"),

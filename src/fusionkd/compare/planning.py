@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,16 +60,33 @@ def parse_seeds(text: str) -> list[int]:
     return sorted(seeds)
 
 
+#: what may follow ``@`` in a method variant (``kd@ls``): it names a folder
+_VARIANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
+
+
+def method_of(label: str) -> str:
+    """The registered method of a grid row: ``"kd@ls"`` -> ``"kd"``, ``"kd"`` -> ``"kd"``."""
+    return label.split("@", 1)[0]
+
+
 def parse_names(text: str | Sequence[str], kind: str) -> list[str]:
-    """Comma-separated registered names (``kind`` = "method" or "model"), checked, duplicates removed."""
+    """Comma-separated registered names (``kind`` = "method" or "model"), checked, duplicates removed.
+
+    A method may carry a variant, ``METHOD@VARIANT`` (e.g. ``kd@ls``): a row of its own, with its own run
+    folders (``OUT/runs/<model>/kd@ls/s<seed>``) and its own ``--method-options kd@ls:KEY=VALUE``.
+    """
     items = text.split(",") if isinstance(text, str) else list(text)
     names = list(dict.fromkeys(s.strip() for s in items if s.strip()))
     if not names:
         raise ConfigError(f"--{kind}s: give at least one {kind} name")
     registry = METHODS if kind == "method" else MODELS
     for n in names:
+        base, at, variant = n.partition("@") if kind == "method" else (n, "", "")
+        if at and not _VARIANT.match(variant):
+            raise ConfigError(f"--{kind}s: {n!r}: a variant after '@' must be 1-40 letters, digits, '_', '.' or "
+                              "'-', starting with a letter or digit (e.g. kd@ls)")
         try:
-            registry.entry(n)
+            registry.entry(base)
         except UnknownNameError as e:
             raise ConfigError(f"--{kind}s: {e}") from None
     return names
@@ -77,6 +95,7 @@ def parse_names(text: str | Sequence[str], kind: str) -> list[str]:
 def parse_method_options(items: Sequence[str], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
     """``["ffl:peers=3", "ffl:lr=0.05"]`` -> ``{"ffl": {"options.peers": 3, "lr": 0.05}}``.
 
+    ``METHOD`` is a row of ``--methods`` as written there, a variant (``kd@ls:logit_std=true``) included.
     A key that is one of the method's ``Options`` fields goes to ``options.KEY``; any other key must be a
     config option (e.g. ``lr``, ``models``, ``augment.cutout``) and applies to that method's runs only.
     """
@@ -93,7 +112,7 @@ def parse_method_options(items: Sequence[str], methods: Sequence[str]) -> dict[s
             raise ConfigError(f"--method-options {item!r}: {method!r} is not one of --methods "
                               f"({', '.join(methods)})")
         key, value = parse_override(kv)
-        cls = METHODS.get(method)
+        cls = METHODS.get(method_of(method))
         option_names = {f.name for f in dataclasses.fields(cls.Options)} if dataclasses.is_dataclass(
             cls.Options) else set()
         top = key.split(".", 1)[0]
@@ -246,7 +265,7 @@ def plan(spec: CompareSpec) -> tuple[Task | None, list[Task]]:
     teacher_check = {k: common.pop(k) for k in ("teacher_min_accuracy",) if k in common}
     if outside.get("teacher_weights"):
         outside["teacher_weights"] = str(Path(outside["teacher_weights"]).resolve())
-    offline = [m for m in spec.methods if METHODS.get(m).needs_teacher]
+    offline = [m for m in spec.methods if METHODS.get(method_of(m)).needs_teacher]
     if sum(bool(x) for x in (teacher_path, spec.teacher_model, outside)) > 1:
         raise ConfigError("give one teacher, not both: teacher=PATH, --teacher-model NAME (trained here first), or "
                           "teacher_model=NAME teacher_weights=FILE (from outside fusionkd)")
@@ -281,8 +300,8 @@ def plan(spec: CompareSpec) -> tuple[Task | None, list[Task]]:
     runs_dir = spec.out / "runs"
     grid = [(model, method, seed) for model in spec.models for method in spec.methods for seed in spec.seeds]
     for i, (model, method, seed) in enumerate(grid, 1):
-        needs = METHODS.get(method).needs_teacher
-        layer: dict[str, Any] = {"method": method, "model": model, "seed": seed, "progress": "none",
+        needs = METHODS.get(method_of(method)).needs_teacher
+        layer: dict[str, Any] = {"method": method_of(method), "model": model, "seed": seed, "progress": "none",
                                  "out_dir": str(runs_dir), "name": f"{model}/{method}/s{seed}"}
         if needs:
             layer["teacher"] = str(Path(teacher_path).resolve()) if teacher_path else None

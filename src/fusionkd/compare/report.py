@@ -168,7 +168,7 @@ def settings_section(records: Sequence[RunRecord], teachers: dict[str, dict[str,
         methods: dict[str, list[dict[str, Any]]] = {}
         for r in records:
             if id(r) in flats:
-                methods.setdefault(str(r.summary.get("method")), []).append(flats[id(r)])
+                methods.setdefault(r.label, []).append(flats[id(r)])
         for m, fs in methods.items():
             own = [k for k in all_keys if k not in common and len({enc(f, k) for f in fs}) == 1]
             varies = [k for k in all_keys if k not in common and k not in own]
