@@ -394,12 +394,14 @@ def test_nothing_imports_torchvision_or_timm():
 
 
 # ----------------------------------------------------------------------------- presets
-def test_presets_are_listed_and_resolve_with_overrides(capsys):
+def test_presets_are_listed_and_resolve_with_overrides(capsys, tmp_path):
     from fusionkd.engine.config import resolve_config
     from fusionkd.presets import list_presets
 
     names = {p["name"]: p for p in list_presets()}
-    assert set(names) == {"frskd-tinyimagenet", "frskd-finegrained", "frskd-imagenet", "ffl-imagenet"}
+    assert set(names) == {"frskd-tinyimagenet", "frskd-finegrained", "frskd-imagenet", "ffl-imagenet",
+                          "cifar100-offline", "cifar100-offline-mobile", "ffl-cifar100", "frskd-cifar100",
+                          "mfkd-cifar100", "fmfsd-cifar100", "mfef-cifar100"}
     assert all(p["description"] and p["source"] for p in names.values())
     cfg = resolve_config({"epochs": 10, "milestones": None}, config_file="frskd-imagenet")  # default 50 %/75 %
     assert (cfg.method, cfg.model, cfg.batch_size, cfg.image_size) == ("frskd", "imagenet_resnet18", 256, 224)
@@ -411,7 +413,20 @@ def test_presets_are_listed_and_resolve_with_overrides(capsys):
     assert [resolve_config(config_file=n).dataset for n in ("frskd-tinyimagenet", "frskd-finegrained",
                                                            "frskd-imagenet", "ffl-imagenet")] == \
         ["tinyimagenet", "cub200", "imagenet", "imagenet"]
-    with pytest.raises(ConfigError, match="nor is it a preset name: ffl-imagenet"):
+    # the CIFAR-100 recipes: RepDistiller's offline protocol (lr 0.01 for MobileNetV2 students) and each seed method's
+    offline = resolve_config({"model": "resnet20"}, config_file="cifar100-offline")
+    assert (offline.epochs, offline.batch_size, offline.lr, offline.weight_decay, offline.milestones,
+            offline.val_fraction) == (240, 64, 0.05, 5e-4, [150, 180, 210], 0.0)
+    assert resolve_config(config_file="cifar100-offline-mobile").lr == 0.01
+    assert [(c.method, c.epochs, c.milestones) for c in (resolve_config(config_file=n) for n in (
+        "ffl-cifar100", "frskd-cifar100", "fmfsd-cifar100", "mfef-cifar100"))] == [
+        ("ffl_s", 300, [150, 225]), ("frskd", 200, [100, 150]), ("fmfsd", 200, [66, 133, 190]),
+        ("mfef", 300, [150, 225])]
+    (tmp_path / "t.pth").write_bytes(b"")  # resolving only checks that the teacher file is there
+    mfkd = resolve_config({"teacher_model": "resnet56", "teacher_weights": str(tmp_path / "t.pth")},
+                          config_file="mfkd-cifar100")
+    assert (mfkd.method, mfkd.model, mfkd.epochs) == ("mfkd", "resnet20", 240)
+    with pytest.raises(ConfigError, match="nor is it a preset name: cifar100-offline-mobile, .*, frskd-imagenet, "):
         resolve_config(config_file="frskd-imagenett")
     assert main(["list"]) == 0
     assert "frskd-finegrained" in capsys.readouterr().out
