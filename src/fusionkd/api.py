@@ -103,12 +103,13 @@ class _console_logging:
 
 def list_registered() -> dict[str, list[dict[str, str]]]:
     """``{"methods": [{name, family, description, source}], "models": [...], "datasets": [...],
-    "presets": [...], "plugin_errors": [...]}``; ``source`` is ``fusionkd``, ``entry point ...`` or ``file PATH``."""
+    "presets": [...], "tables": [...], "plugin_errors": [...]}``;
+    ``source`` is ``fusionkd``, ``entry point ...`` or ``file PATH``."""
     from .data import DATASETS
     from .methods import METHODS
     from .models import MODELS
     from .plugins import ERRORS
-    from .presets import list_presets
+    from .presets import list_presets, list_tables
 
     src = lambda e: e.extras.get("source", "fusionkd")  # noqa: E731
     return {
@@ -119,6 +120,7 @@ def list_registered() -> dict[str, list[dict[str, str]]]:
         "datasets": [{"name": e.name, "description": e.description, "source": src(e)} for e in DATASETS.entries()],
         "plugin_errors": [{"group": g, "name": n, "error": err} for g, n, err in ERRORS],
         "presets": list_presets(),
+        "tables": list_tables(),
     }
 
 

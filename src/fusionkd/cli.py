@@ -254,6 +254,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("presets (--config NAME; options given on the command line override them):")
     for e in reg["presets"]:
         print(f"  {e['name']:<22} {e['description']}\n  {'':<22} source: {e['source']}")
+    print("tables (fusionkd compare --table NAME [--size cpu]; docs/compare.md):")
+    for e in reg["tables"]:
+        print(f"  {e['name']:<28} {e['title']}")
     return 0
 
 

@@ -114,6 +114,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if early.get("plugins"):
         args.overrides = [o for o in args.overrides if not o.startswith("plugins=")]
         args.overrides.append("plugins=" + json.dumps(early["plugins"]))
+    if args.table:
+        return _compare_table(args)
+    if args.teachers_dir or args.size:
+        raise ConfigError("--teachers-dir and --size belong to --table NAME (a published table)")
+    if not args.methods:
+        raise ConfigError("give --methods (comma-separated, e.g. baseline,kd) or --table NAME (fusionkd list)")
+    args.seeds = args.seeds or "0"
     methods = parse_names(args.methods, "method")
     models = parse_names(args.models, "model")
     seeds = parse_seeds(args.seeds)
@@ -152,6 +159,39 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(f"{len(result.failures)} run(s) failed: {failed}", file=sys.stderr)
         return 1
     return 0
+
+
+def _compare_table(args: argparse.Namespace) -> int:
+    """``fusionkd compare --table NAME``: a published table, teachers first, one grid per column."""
+    from .compare.planning import parse_seeds
+    from .compare.tables import TableRun, load_table, render_markdown, run_table
+
+    given = [f for f, v in (("--methods", args.methods), ("--method-options", args.method_options),
+                            ("--teacher-model", args.teacher_model), ("--config", args.config)) if v]
+    if given or args.models != "resnet20":
+        raise ConfigError(f"--table {args.table} sets the methods, networks and settings itself; "
+                          f"drop {', '.join(given) or '--models'} (options go on top as key=value)")
+    table = load_table(args.table)
+    overrides = dict(parse_override(o) for o in args.overrides)
+    for key in ("dataset", "epochs", "subset"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    devices = _csv(args.devices) or None
+    out = Path(args.out if args.out != "runs/compare" else f"runs/tables/{table.name}")
+    run = TableRun(table=table, out=out, seeds=parse_seeds(args.seeds) if args.seeds else None,
+                   size=args.size or "full", overrides=overrides, teacher_epochs=args.teacher_epochs,
+                   teachers_dir=Path(args.teachers_dir) if args.teachers_dir else None,
+                   workers=args.workers if args.workers is not None else (len(devices) if devices else 1),
+                   threads=args.threads, devices=devices, rerun_changed=args.rerun_changed,
+                   command=shlex.join(["fusionkd", "compare", *sys.argv[2:]]))
+    try:
+        result = run_table(run, say=_say)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; run the same command again to finish the table in {out}", file=sys.stderr)
+        return 130
+    print("\n" + render_markdown(result).split("\n## ", 1)[0])
+    print(f"wrote {out / 'table.md'}, {out / 'table.csv'} and {out / 'table.json'}")
+    return 1 if result["failures"] else 0
 
 
 # ---------------------------------------------------------------------- report
@@ -304,12 +344,19 @@ def add_parsers(sub) -> None:
                     "OUT/report.md and plots. Trailing key=value options apply to every run (e.g. epochs=20 "
                     "subset=5000 schedule=cosine precision=bf16 channels_last=true). See docs/compare.md.")
     c.add_argument("overrides", nargs="*", metavar="key=value", help="config options of every run")
-    c.add_argument("--methods", required=True, help="comma-separated registered methods (fusionkd list)")
+    c.add_argument("--methods", help="comma-separated registered methods (fusionkd list); METHOD@VARIANT is a "
+                                     "row of its own, e.g. kd,kd@ls --method-options kd@ls:logit_std=true")
+    c.add_argument("--table", help="run a published table (fusionkd list): its methods x network pairs x seeds, "
+                                   "teachers first, beside the published numbers (OUT/table.md)")
+    c.add_argument("--size", choices=["full", "cpu"],
+                   help="with --table: full = the published recipe (default), cpu = the table's CPU size")
+    c.add_argument("--teachers-dir", help="with --table: a folder of community teacher files "
+                                          "(<teacher>_vanilla/ckpt_epoch_240.pth, RepDistiller/mdistiller)")
     c.add_argument("--models", default="resnet20", help="comma-separated zoo models (default: resnet20)")
     c.add_argument("--dataset", help="dataset of every run (default: the config default, fashion-mnist)")
     c.add_argument("--epochs", type=int, help="epochs of every run (same as epochs=N)")
     c.add_argument("--subset", type=int, help="training images of every run (same as subset=N)")
-    c.add_argument("--seeds", default="0", help="seeds, e.g. 0,1,2 or 0-4 (default: 0)")
+    c.add_argument("--seeds", help="seeds, e.g. 0,1,2 or 0-4 (default: 0; a --table: its own)")
     c.add_argument("--out", default="runs/compare", help="output folder (default: runs/compare)")
     c.add_argument("--config", help="YAML file of options common to every run (key=value wins over it)")
     c.add_argument("--workers", type=int,

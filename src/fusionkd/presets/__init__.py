@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 PRESET_DIR = Path(__file__).parent
+#: the published tables of ``fusionkd compare --table NAME`` (see :mod:`fusionkd.compare.tables`)
+TABLE_DIR = PRESET_DIR / "tables"
 
 
 def preset_path(name: str) -> Path | None:
@@ -36,3 +38,15 @@ def list_presets() -> list[dict[str, str]]:
     """``[{name, description, source}]`` of every shipped preset, sorted by name."""
     return [{"name": p.stem, "description": _header(p, "description"), "source": _header(p, "source")}
             for p in sorted(PRESET_DIR.glob("*.yaml"))]
+
+
+def list_tables() -> list[dict[str, str]]:
+    """``[{name, title, source}]`` of every shipped table (``fusionkd compare --table NAME``), sorted by name."""
+    import yaml
+
+    out = []
+    for p in sorted(TABLE_DIR.glob("*.yaml")):
+        data = yaml.safe_load(p.read_text()) or {}
+        out.append({"name": p.stem, "title": " ".join(str(data.get("title", "")).split()),
+                    "source": " ".join(str(data.get("source", "")).split())})
+    return out
