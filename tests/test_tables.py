@@ -145,7 +145,9 @@ def test_a_broken_table_is_refused_naming_what_is_wrong(tmp_path, monkeypatch, c
     (["--table", "cifar100-repdistillr"], "no such table; did you mean 'cifar100-repdistiller'? the tables are: "),
     (["--table", "mfkd-cifar100", "--methods", "kd"], "drop --methods"),
     (["--table", "mfkd-cifar100", "--models", "resnet8"], "drop --models"),
-    (["--methods", "kd", "--size", "cpu"], "--teachers-dir and --size belong to --table"),
+    (["--methods", "kd", "--size", "cpu"], "--teachers-dir, --size and --columns belong to --table"),
+    (["--table", "mfkd-cifar100", "--columns", "resnet56-resnet2"], "not a column of table 'mfkd-cifar100' (its "
+                                                                    "columns: resnet56-resnet20, vgg13-vgg8)"),
     ([], "give --methods"),
     (["--table", "mfkd-cifar100", "--teachers-dir", "/nonexistent/teachers"], "not a folder"),
 ])
@@ -205,8 +207,14 @@ def test_mfkd_table_end_to_end_with_a_community_teacher(tmp_path, capsys):
     teachers.mkdir(parents=True)
     save_teacher(randomise(repdistiller("resnet56"), 3), teachers / "ckpt_epoch_240.pth")
     out = tmp_path / "t"
-    code = main(["compare", "--table", "mfkd-cifar100", "--out", str(out), "--teachers-dir",
-                 str(tmp_path / "community"), *TINY_TABLE, f"data_dir={data}"])
+    argv = ["compare", "--table", "mfkd-cifar100", "--out", str(out), "--teachers-dir", str(tmp_path / "community"),
+            *TINY_TABLE, f"data_dir={data}"]
+    # one column first: its teacher and its grid only; the table lists the other column with '-'
+    assert main([*argv, "--columns", "vgg13-vgg8"]) == 0, capsys.readouterr().err[-3000:]
+    assert [p.name for p in (out / "columns").iterdir()] == ["vgg13-vgg8"]
+    partial = (out / "table.md").read_text()
+    assert "| MFKD | - (70.88) | " in partial and "| Teacher | - (72.34) | " in partial
+    code = main(argv)
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]
     check_every_cell(out, "mfkd-cifar100", community={"resnet56"})
@@ -222,8 +230,7 @@ def test_mfkd_table_end_to_end_with_a_community_teacher(tmp_path, capsys):
     assert (out / "columns" / "vgg13-vgg8" / "report.md").is_file()
     # a second call trains nothing and writes the same table
     before = (out / "table.csv").read_text()
-    assert main(["compare", "--table", "mfkd-cifar100", "--out", str(out), "--teachers-dir",
-                 str(tmp_path / "community"), *TINY_TABLE, f"data_dir={data}"]) == 0
+    assert main(argv) == 0
     assert "training ..." not in capsys.readouterr().err and (out / "table.csv").read_text() == before
 
 

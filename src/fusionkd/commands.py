@@ -116,8 +116,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         args.overrides.append("plugins=" + json.dumps(early["plugins"]))
     if args.table:
         return _compare_table(args)
-    if args.teachers_dir or args.size:
-        raise ConfigError("--teachers-dir and --size belong to --table NAME (a published table)")
+    if args.teachers_dir or args.size or args.columns:
+        raise ConfigError("--teachers-dir, --size and --columns belong to --table NAME (a published table)")
     if not args.methods:
         raise ConfigError("give --methods (comma-separated, e.g. baseline,kd) or --table NAME (fusionkd list)")
     args.seeds = args.seeds or "0"
@@ -183,7 +183,7 @@ def _compare_table(args: argparse.Namespace) -> int:
                    teachers_dir=Path(args.teachers_dir) if args.teachers_dir else None,
                    workers=args.workers if args.workers is not None else (len(devices) if devices else 1),
                    threads=args.threads, devices=devices, rerun_changed=args.rerun_changed,
-                   command=shlex.join(["fusionkd", "compare", *sys.argv[2:]]))
+                   command=shlex.join(["fusionkd", "compare", *sys.argv[2:]]), columns=_csv(args.columns) or None)
     try:
         result = run_table(run, say=_say)
     except KeyboardInterrupt:
@@ -350,6 +350,8 @@ def add_parsers(sub) -> None:
                                    "teachers first, beside the published numbers (OUT/table.md)")
     c.add_argument("--size", choices=["full", "cpu"],
                    help="with --table: full = the published recipe (default), cpu = the table's CPU size")
+    c.add_argument("--columns", help="with --table: run only these columns, e.g. resnet56-resnet20,vgg13-vgg8 "
+                                     "(table.md still lists every column)")
     c.add_argument("--teachers-dir", help="with --table: a folder of community teacher files "
                                           "(<teacher>_vanilla/ckpt_epoch_240.pth, RepDistiller/mdistiller)")
     c.add_argument("--models", default="resnet20", help="comma-separated zoo models (default: resnet20)")

@@ -217,6 +217,21 @@ class TableRun:
     devices: list[str] | None = None
     rerun_changed: bool = False
     command: str | None = None
+    #: run only these columns (their key ``t->s`` or folder ``t-s``); the table still lists every column
+    columns: list[str] | None = None
+
+    def selected(self) -> list[Column]:
+        """The columns to run, checked against the table's."""
+        cols = self.table.columns
+        if not self.columns:
+            return cols
+        names = {c.key: c for c in cols} | {c.folder: c for c in cols}
+        unknown = [c for c in self.columns if c not in names]
+        if unknown:
+            raise ConfigError(f"--columns {', '.join(unknown)}: not a column of table {self.table.name!r} "
+                              f"(its columns: {', '.join(c.folder for c in cols)})")
+        wanted = {names[c].key for c in self.columns}
+        return [c for c in cols if c.key in wanted]
 
     def common(self) -> tuple[dict[str, Any], int | None]:
         """The options of every run and the teachers' epochs, for this size."""
@@ -245,12 +260,13 @@ def run_table(run: TableRun, say: Callable[[str], None] = log.info) -> dict[str,
     t, out = run.table, Path(run.out)
     seeds = run.seeds or t.seeds
     common, teacher_epochs = run.common()
+    columns = run.selected()
     if run.teachers_dir is not None and not Path(run.teachers_dir).is_dir():
         raise ConfigError(f"--teachers-dir {run.teachers_dir}: not a folder")
     kw = dict(workers=run.workers, threads=run.threads, devices=run.devices, rerun_changed=run.rerun_changed)
     community = {c.teacher: community_teacher(Path(run.teachers_dir), c.teacher)
                  for c in t.columns if c.teacher and run.teachers_dir is not None}
-    to_train = list(dict.fromkeys(c.teacher for c in t.columns if c.teacher and not community.get(c.teacher)))
+    to_train = list(dict.fromkeys(c.teacher for c in columns if c.teacher and not community.get(c.teacher)))
     failures: list[str] = []
     if to_train:
         say(f"table {t.name}: training the teacher(s) {', '.join(to_train)} (seed 0) in {out / 'teachers'}")
@@ -262,7 +278,7 @@ def run_table(run: TableRun, say: Callable[[str], None] = log.info) -> dict[str,
         if res.failures:
             raise RuntimeError("teacher run(s) failed: " + "; ".join(f.label for f in res.failures)
                                + f" (see {out / 'teachers'})")
-    for col in t.columns:
+    for col in columns:
         col_common = {**common, **col.options}
         if col.teacher:
             if community.get(col.teacher):
