@@ -70,6 +70,15 @@ s = [json.load(open(p))["best"]["val"]["net"] for p in glob.glob(f"{baselines}/s
 print(f"teacher val {t:.2f} vs student baseline val {statistics.mean(s):.2f} (max {max(s):.2f}, {len(s)} seeds)")
 sys.exit(0 if t > max(s) else "the teacher does not beat the student baseline on validation: train it longer")
 PY
-    family "${METHODS:-kd,fitnet,at,mfkd}" teacher="$T/best.pt" ;;
+    # the logit-standardization variants take the LS authors' resnet56 -> resnet20 settings (their logs/)
+    LIST="${METHODS:-kd,fitnet,at,mfkd,dkd,dist,reviewkd,crd,kd@ls,dkd@ls}"
+    LS=()
+    [[ ",$LIST," == *",kd@ls,"* ]] && LS+=(kd@ls:logit_std=true kd@ls:temperature=2 kd@ls:kd_weight=9)
+    [[ ",$LIST," == *",dkd@ls,"* ]] && LS+=(dkd@ls:logit_std=true dkd@ls:temperature=3 dkd@ls:alpha=18 dkd@ls:beta=36)
+    if [ ${#LS[@]} -gt 0 ]; then
+      family "$LIST" teacher="$T/best.pt" --method-options "${LS[@]}"
+    else
+      family "$LIST" teacher="$T/best.pt"
+    fi ;;
   *) echo "unknown family $FAMILY (expected online, self or offline)" >&2; exit 2 ;;
 esac
