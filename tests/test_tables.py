@@ -97,6 +97,11 @@ def test_every_shipped_table_loads_and_names_its_sources():
             for col, cell in cells.items():
                 assert cell.value is None or (cell.source in t.sources and 0 < cell.value < 100), (name, row, col)
                 assert cell.value is not None or cell.note, (name, row, col)  # a missing number says why
+    assert {tables_mod.table_dataset(load_table(n)) for n in shipped} == {"cifar100"}
+    t = load_table("ffl-cifar100")
+    assert tables_mod.dataset_notes(t, {"dataset": "cifar100"}) == [] and tables_mod.dataset_notes(t, {}) == []
+    [note] = tables_mod.dataset_notes(t, {"dataset": "cifar10"})
+    assert "used dataset 'cifar10', not the table's 'cifar100'" in note
     main_table = load_table("cifar100-repdistiller")
     assert [c.key for c in main_table.columns] == [
         "resnet56->resnet20", "resnet110->resnet32", "resnet32x4->resnet8x4", "wrn_40_2->wrn_16_2",

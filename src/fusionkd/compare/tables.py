@@ -299,8 +299,26 @@ def run_table(run: TableRun, say: Callable[[str], None] = log.info) -> dict[str,
         failures += [f"{col.key}: {f.label}" for f in res.failures]
     result = collect(t, out, run.size, seeds, community)
     result["failures"] = failures
+    result["notes"] = dataset_notes(t, common) + result["notes"]
     write_table(result, out)
     return result
+
+
+def table_dataset(t: Table) -> str | None:
+    """The dataset the table's published numbers are for (its common options, else its preset's)."""
+    if "dataset" in t.common:
+        return str(t.common["dataset"])
+    p = preset_path(t.config) if t.config else None
+    return str((yaml.safe_load(p.read_text()) or {}).get("dataset")) if p is not None else None
+
+
+def dataset_notes(t: Table, common: dict[str, Any]) -> list[str]:
+    """A note when the runs' dataset is not the one the published numbers are for."""
+    own = table_dataset(t)
+    if common.get("dataset") in (None, own):
+        return []
+    return [f"This run used dataset {common['dataset']!r}, not the table's {own!r}: the published numbers are for "
+            f"{own!r} and do not compare with these."]
 
 
 def teacher_dir(out: Path, teacher: str) -> Path:
