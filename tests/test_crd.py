@@ -323,3 +323,13 @@ def test_registered():
     assert (o.ce_weight, o.kd_weight, o.crd_weight, o.feat_dim, o.nce_k, o.nce_t, o.nce_m) == (
         1.0, 0.0, 0.8, 128, 16384, 0.07, 0.5)
     assert np.isclose(1.0 / math.sqrt(128 / 3), 0.153, atol=1e-3)  # the bank's initial range, stdv
+
+
+def test_more_negatives_than_candidates_is_warned_with_the_scaled_k(caplog):
+    with caplog.at_level("WARNING", logger="fusionkd"):
+        build(n=40, classes=4, nce_k=30)  # 30 other-class samples per class: no warning
+    assert "crd: nce_k" not in caplog.text
+    with caplog.at_level("WARNING", logger="fusionkd"):
+        build(n=40, classes=4, nce_k=31)
+    assert "only 30 samples of other classes" in caplog.text and "K/N = 0.78" in caplog.text
+    assert "consider options.nce_k=13" in caplog.text  # 40 * 16384 / 50000 = 13.1

@@ -296,6 +296,12 @@ class CRD(OfflineMethod):
             raise ValueError(f"crd draws its negatives from other classes, but the {n} training samples are all "
                              "of one class; it needs at least two classes in the training split")
         o = self.options
+        candidates = n - int(torch.bincount(labels, minlength=ctx.num_classes).max())
+        if o.nce_k > candidates:
+            log.warning("crd: nce_k=%d negatives per sample, but a sample of the largest class has only %d samples "
+                        "of other classes: negatives repeat within each row, and the noise ratio K/N = %.2f is far "
+                        "from the defaults' CIFAR-100 setting (16384 / 50000 = 0.33); consider options.nce_k=%d "
+                        "(the same K/N)", o.nce_k, candidates, o.nce_k / n, max(1, round(n * 16384 / 50000)))
         device = next(self.teacher.parameters()).device
         need = bank_bytes(n, o.feat_dim)
         check_bank_fits(need, available_memory(device), device)
