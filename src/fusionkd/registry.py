@@ -34,6 +34,9 @@ _ALL: weakref.WeakSet[Registry] = weakref.WeakSet()
 
 #: ``adopt(name, obj, doc)``: registers an entry point that names an object (not a module) under ``name``
 Adopter = Callable[[str, Any, str], None]
+#: ``resolve(name) -> (obj, description, extras)``: an entry for a name of a resolver's prefix that is not
+#: registered (e.g. ``timm:resnet18``); raises :class:`UnknownNameError` for a name it cannot serve
+Resolver = Callable[[str], tuple[Any, str, dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,7 @@ class Registry(Generic[T]):
         self.group = group or ENTRY_POINT_GROUPS.get(kind)
         self._adopt = adopt
         self._entries: dict[str, Entry[T]] = {}
+        self._resolvers: dict[str, Resolver] = {}
         self._discovered = self.group is None
         _ALL.add(self)
 
@@ -102,13 +106,37 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         return self.entry(name).obj
 
+    def add_resolver(self, prefix: str, resolve: Resolver) -> None:
+        """Serve names that start with ``prefix`` (e.g. ``"timm:"``) and are not registered: on their first
+        lookup, ``resolve(name)`` gives ``(obj, description, extras)``, registered under that exact name (so
+        configs, checkpoints and resumes name it like any other entry), or raises :class:`UnknownNameError`.
+        Nothing is resolved before such a name is looked up."""
+        if not prefix:
+            raise ValueError("a resolver needs a non-empty prefix")
+        self._resolvers[prefix] = resolve
+
+    def resolver_prefixes(self) -> list[str]:
+        return list(self._resolvers)
+
+    def _resolve(self, name: object) -> None:
+        if not isinstance(name, str) or name in self._entries:
+            return
+        for prefix, resolve in self._resolvers.items():
+            if name.startswith(prefix):
+                obj, description, extras = resolve(name)
+                extras = {"source": f"resolver {prefix}", **extras}
+                self._entries[name] = Entry(name, obj, description, extras)
+                return
+
     def entry(self, name: str) -> Entry[T]:
         self.discover()
+        self._resolve(name)
         if name not in self._entries:
             close = difflib.get_close_matches(name, self.names(), n=3)
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            more = f", or {' / '.join(p + 'NAME' for p in self._resolvers)}" if self._resolvers else ""
             raise UnknownNameError(
-                f"unknown {self.kind} {name!r}.{hint} Accepted {self.kind}s: {', '.join(self.names())}"
+                f"unknown {self.kind} {name!r}.{hint} Accepted {self.kind}s: {', '.join(self.names())}{more}"
             )
         return self._entries[name]
 
@@ -122,6 +150,10 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         self.discover()
+        try:
+            self._resolve(name)
+        except UnknownNameError:
+            return False
         return name in self._entries
 
     # ------------------------------------------------------------------ entry points
