@@ -20,6 +20,8 @@ for _module in ZOO_MODULES:
     import_module(f"{__name__}.{_module}")
 
 from .adapt import adapt_module, infer_stages, is_staged, register_module  # noqa: E402
+from .external import PREFIXES as EXTERNAL_PREFIXES  # noqa: E402  (registers the torchvision:/timm: resolvers)
+from .tokens import TokenBackbone  # noqa: E402
 
 __all__ = [
     "Backbone",
@@ -36,6 +38,8 @@ __all__ = [
     "list_models",
     "HookBackbone",
     "HookHead",
+    "TokenBackbone",
+    "EXTERNAL_PREFIXES",
     "adapt_module",
     "infer_stages",
     "is_staged",

@@ -173,11 +173,12 @@ def load_weights_file(model: nn.Module, path: str | Path, *, replace_classifier:
     """
     from .community import NONE_OF_THEM, identify, read_layout, repdistiller_layout
     from .hook import HookBackbone
+    from .tokens import TokenBackbone
 
     state, kind, notes = read_state_dict(path)
     what = what or f"the {type(model).__name__}"
     head = classifier_key(model)
-    if isinstance(model, HookBackbone):  # the file holds the wrapped module's own keys (``fc.weight``)
+    if isinstance(model, (HookBackbone, TokenBackbone)):  # the file holds the wrapped module's own keys (``fc.weight``)
         model, head = model.module, model.head_name
     own = model.state_dict()
     state, layout, note = read_layout(model, state, path, what)

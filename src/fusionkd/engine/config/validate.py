@@ -91,6 +91,7 @@ def validate(cfg: Config) -> None:
         if is_deploy_only(m):
             raise ConfigError(f"model={m!r} is the deployed network of ffl/mfef with options.deploy=fused, not a "
                               "network to train; train method=ffl (or mfef) options.deploy=fused instead")
+    check_external_models(cfg, method_cls.family)
     _check_ranges(cfg)
     if cfg.warmup_epochs > cfg.epochs:
         raise ConfigError(f"warmup_epochs={cfg.warmup_epochs:g} is longer than the run (epochs={cfg.epochs})")
@@ -146,6 +147,34 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"dataset {cfg.dataset!r} has no option(s) {', '.join(unknown)}; accepted "
                           f"dataset_options: {', '.join(accepted) or '(none)'}")
     build_options(method_cls, cfg.options, cfg.method)
+
+
+def check_external_models(cfg: Config, family: str) -> None:
+    """Networks whose registry entry needs a given input size (``image_size``: a timm vision transformer at
+    its package default) or whose head reads tokens (``tokens``: it cannot classify maps of a method's own
+    making, as the online and self families do) are refused where they cannot serve, before any work."""
+    from ...models import MODELS
+    from ...registry import UnknownNameError
+
+    size = native_image_size(cfg)
+    trained = [cfg.model, *(cfg.models or [])]
+    for key, name in [*(("model", m) for m in trained), ("teacher_model", cfg.teacher_model)]:
+        if name is None:
+            continue
+        try:
+            extras = MODELS.entry(name).extras
+        except UnknownNameError:
+            continue  # reported by check_teacher_keys
+        need = extras.get("image_size")
+        if need and size is not None and int(size) != int(need):
+            raise ConfigError(f"{key}={name!r} takes {need}x{need} images (the package's default img_size; its "
+                              f"keyword arguments are not passed yet) but this run's are {size}x{size}: set "
+                              f"image_size={need}")
+        if extras.get("tokens") and key == "model" and family in ("online", "self"):
+            raise ConfigError(f"{key}={name!r} is a vision transformer: its head reads the class token, not a "
+                              f"stage map, and the {family} methods classify maps of their own making (fused maps, "
+                              "branches); it can be trained by baseline and be a teacher or student of the "
+                              "offline methods")
 
 
 def check_teacher_keys(cfg: Config, needs_teacher: bool) -> None:

@@ -1,0 +1,219 @@
+"""torchvision and timm networks by name: ``model=torchvision:resnet18``, ``teacher_model=timm:vit_tiny_patch16_224``.
+
+The model registry resolves a name with the prefix ``torchvision:`` or ``timm:`` that is not registered yet on
+its first lookup (:meth:`fusionkd.registry.Registry.add_resolver`): the package is imported only then, the
+name is checked against the package's own list (close matches offered), and an entry for that exact name is
+registered, so that configs, compare's ``--models``, run folders, checkpoints, resumes, ``eval`` and
+``export`` name it like any zoo model. Without the package the name is refused, naming the package and
+``pip install 'fusionkd[interop]'``. Nothing here imports either package before such a name is looked up.
+
+Building (each call a freshly initialised network, the package's defaults otherwise):
+
+* ``torchvision:NAME``: ``torchvision.models.get_model(NAME, weights=None, num_classes=...)`` (image
+  classifiers only); for ``in_chans != 3`` the first ``Conv2d`` is replaced by one with ``in_chans`` inputs
+  (same other settings).
+* ``timm:NAME[.TAG]``: ``timm.create_model(NAME, pretrained=False, num_classes=..., in_chans=...)``.
+
+Then the network is put on the backbone contract: a CNN through a :class:`~fusionkd.models.HookBackbone` (stages
+from timm's ``feature_info`` or torchvision's ResNet names by :func:`~fusionkd.models.infer_stages`, or, for
+torchvision networks built as a ``features``/``layers``/``trunk_output`` sequence + ``classifier``/``fc``
+(MobileNetV2/V3, EfficientNet, MNASNet, RegNet), the last module of each stride from 4 on), dry-run on a
+``DRY_RUN_SIZE`` square input (224 when the network cannot take 32); a timm vision transformer (a model with
+``forward_intermediates`` and class/register tokens) through :class:`~fusionkd.models.tokens.TokenBackbone`,
+whose registry entry says ``tokens=True`` and ``image_size`` (the package's default ``img_size``, which the
+run's images must have).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UnknownNameError
+from .adapt import infer_stages
+from .hook import HookBackbone
+from .registry import MODELS
+from .tokens import TokenBackbone
+
+INSTALL = "pip install 'fusionkd[interop]'"
+PREFIXES = {"torchvision:": "torchvision", "timm:": "timm"}
+#: side of the dry-run input that measures a CNN's stage strides (224 when the network cannot take it)
+DRY_RUN_SIZE = 32
+#: sequences of blocks whose strided outputs are a torchvision network's stages, and its classifiers
+TRUNKS = ("features", "layers", "trunk_output")
+HEADS = ("classifier", "fc")
+SUPPORTED = ("torchvision ResNet/ResNeXt/Wide-ResNet (layer1..4 + fc), MobileNetV2/V3, EfficientNet, MNASNet, "
+             "RegNet (a block sequence + a classifier after global pooling); timm CNNs with feature_info; timm "
+             "vision transformers (forward_intermediates + class tokens)")
+
+
+def import_package(package: str, name: str) -> Any:
+    try:
+        return importlib.import_module(package)
+    except ImportError as e:
+        raise UnknownNameError(f"model {name!r} needs {package}, which is not installed here: {INSTALL} "
+                               f"(or pip install {package}); {type(e).__name__}: {e}") from None
+
+
+def close_names(arch: str, known: list[str], package: str, name: str) -> UnknownNameError:
+    close = difflib.get_close_matches(arch, known, n=5)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return UnknownNameError(f"unknown model {name!r}: {arch!r} is not a {package} image classifier.{hint} "
+                            f"({package} lists {len(known)}; see its list_models())")
+
+
+def first_conv(net: nn.Module) -> tuple[nn.Module, str, nn.Conv2d] | None:
+    """``(parent, attribute, conv)`` of the first ``Conv2d`` of ``net`` (in module order)."""
+    for name, m in net.named_modules():
+        if isinstance(m, nn.Conv2d):
+            parent_name, _, attr = name.rpartition(".")
+            return (net.get_submodule(parent_name) if parent_name else net), attr, m
+    return None
+
+
+def set_in_chans(net: nn.Module, in_chans: int, name: str) -> None:
+    """Replace the first ``Conv2d`` by one with ``in_chans`` inputs (fresh weights, same other settings)."""
+    found = first_conv(net)
+    if found is None:
+        raise ValueError(f"model {name!r} has no Conv2d whose inputs could be set to {in_chans} channels")
+    parent, attr, old = found
+    if old.in_channels == in_chans:
+        return
+    if old.groups != 1:
+        raise ValueError(f"model {name!r}: its first convolution is grouped and cannot take {in_chans} channels")
+    setattr(parent, attr, nn.Conv2d(in_chans, old.out_channels, old.kernel_size, old.stride, old.padding,
+                                    old.dilation, 1, old.bias is not None, old.padding_mode))
+
+
+def is_token_model(net: nn.Module) -> bool:
+    """A timm vision transformer: its blocks output tokens, read through ``forward_intermediates``."""
+    return all(hasattr(net, a) for a in ("forward_intermediates", "num_prefix_tokens", "patch_embed", "blocks"))
+
+
+def trunk_stages(net: nn.Module, size: int) -> tuple[list[str], str] | None:
+    """``(stages, head)`` of a torchvision network built as a block sequence (``features``...) + a classifier
+    after global pooling: the last block of each stride from 4 on, measured on a ``size`` dry run."""
+    children = dict(net.named_children())
+    trunk = next((t for t in TRUNKS if isinstance(children.get(t), nn.Sequential)), None)
+    head = next((h for h in HEADS if h in children and h != trunk), None)
+    if trunk is None or head is None:
+        return None
+    blocks = list(children[trunk].named_children())
+    sides: dict[str, int] = {}
+    hooks = [m.register_forward_hook(lambda mod, a, out, n=n: sides.__setitem__(n, out.shape[-1]))
+             for n, m in blocks]
+    flags = {m: m.training for m in net.modules()}
+    first = first_conv(net)
+    chans = first[2].in_channels if first else 3
+    net.eval()
+    try:
+        with torch.no_grad():
+            net(torch.zeros(1, chans, size, size))
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, flag in flags.items():
+            m.training = flag
+    by_stride: dict[int, str] = {}
+    for n, _ in blocks:
+        if n in sides:
+            stride = max(1, round(size / sides[n]))
+            if stride >= 4:
+                by_stride[stride] = f"{trunk}.{n}"
+    return ([by_stride[s] for s in sorted(by_stride)], head) if by_stride else None
+
+
+def stages_of(net: nn.Module, size: int, name: str) -> tuple[list[str], str]:
+    try:
+        return infer_stages(net)
+    except ValueError:
+        pass
+    found = trunk_stages(net, size)
+    if found is None:
+        raise ValueError(f"model {name!r} ({type(net).__name__}): fusionkd cannot tell its stages. Supported: "
+                         f"{SUPPORTED}. Other networks: build the object and wrap it as fusionkd.models."
+                         "HookBackbone(module, stage_names=[...], head_name='...')")
+    return found
+
+
+class ExternalFactory:
+    """The registered factory of ``torchvision:NAME`` / ``timm:NAME``: ``factory(num_classes, in_chans)``."""
+
+    def __init__(self, package: str, arch: str, name: str) -> None:
+        self.package = package
+        self.arch = arch
+        self.name = name
+
+    def build(self, num_classes: int, in_chans: int) -> nn.Module:
+        if self.package == "timm":
+            timm = import_package("timm", self.name)
+            return timm.create_model(self.arch, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+        tv = import_package("torchvision", self.name)
+        net = tv.models.get_model(self.arch, weights=None, num_classes=num_classes)
+        if in_chans != 3:
+            set_in_chans(net, in_chans, self.name)
+        return net
+
+    def __call__(self, num_classes: int, in_chans: int, **kwargs: Any) -> nn.Module:
+        if kwargs:
+            raise ValueError(f"model {self.name!r} takes no keyword arguments here ({', '.join(kwargs)}): the "
+                             f"{self.package} defaults are used (package options are not passed yet)")
+        net = self.build(num_classes, in_chans)
+        if is_token_model(net):
+            return TokenBackbone(net)
+        last: Exception | None = None
+        for size in (DRY_RUN_SIZE, 224):
+            try:
+                stages, head = stages_of(net, size, self.name)
+                hooked = HookBackbone(net, stages, head, input_shape=(in_chans, size, size))
+                return hooked
+            except (RuntimeError, IndexError) as e:  # too small an input for the network: the next size
+                last = e
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"model {self.name!r} ({type(net).__name__}) cannot be put on fusionkd's backbone "
+                                 f"contract: {e}. Supported: {SUPPORTED}") from None
+        raise ValueError(f"model {self.name!r} did not run on {in_chans}-channel inputs of side {DRY_RUN_SIZE} or "
+                         f"224: {last}")
+
+
+def resolve_torchvision(name: str) -> tuple[ExternalFactory, str, dict[str, Any]]:
+    arch = name[len("torchvision:"):]
+    tv = import_package("torchvision", name)
+    known = list(tv.models.list_models(module=tv.models))  # the image classifiers (not detection, video...)
+    if arch not in known:
+        others = list(tv.models.list_models())
+        if arch in others:
+            raise UnknownNameError(f"model {name!r} is not an image classifier (torchvision lists it among its "
+                                   "detection/segmentation/video/optical-flow models); fusionkd trains classifiers")
+        raise close_names(arch, known, "torchvision", name)
+    return (ExternalFactory("torchvision", arch, name),
+            f"torchvision {tv.__version__} {arch} (package defaults, fresh weights)", {"package": "torchvision"})
+
+
+def resolve_timm(name: str) -> tuple[ExternalFactory, str, dict[str, Any]]:
+    arch = name[len("timm:"):]
+    timm = import_package("timm", name)
+    if not arch or not timm.is_model(arch):
+        raise close_names(arch, list(timm.list_models()), "timm", name)
+    extras: dict[str, Any] = {"package": "timm"}
+    try:  # on the meta device: the class and its input size without initialising any weights
+        with torch.device("meta"):
+            probe = timm.create_model(arch, pretrained=False)
+    except Exception:  # noqa: BLE001 - a model that cannot be built on meta is probed when built
+        probe = None
+    if probe is not None and is_token_model(probe):
+        extras["tokens"] = True
+        size = getattr(probe.patch_embed, "img_size", None)
+        if size and getattr(probe.patch_embed, "strict_img_size", True) \
+                and not getattr(probe, "dynamic_img_size", False):
+            extras["image_size"] = int(size[0] if isinstance(size, (tuple, list)) else size)
+    return (ExternalFactory("timm", arch, name),
+            f"timm {timm.__version__} {arch} (package defaults, fresh weights)", extras)
+
+
+MODELS.add_resolver("torchvision:", resolve_torchvision)
+MODELS.add_resolver("timm:", resolve_timm)
