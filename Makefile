@@ -2,6 +2,8 @@
 #   make demo   install everything, make Fashion-MNIST available, train and print the result table
 #   make test   install everything (with the test tools) and run the test suite
 # and for the edit loop:
+#   make test-interop  tests/interop against the real torchvision and timm, in a second environment
+#                    (.venv-interop: a CUDA build of torch, ~5 GB and ~5 minutes the first time)
 #   make test-fast   the same without the tests marked slow (-m "not slow": torchrun, subprocess and kill
 #                    tests, terminal and compile tests; each > ~5 s): a few minutes
 # Works on a fresh Debian machine with Python >= 3.10 (python3-venv). TORCH_INDEX can point pip at
@@ -16,8 +18,11 @@ PIP := $(PY) -m pip
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 DEMO_ARGS ?=
 TEST_WORKERS ?= 2
+INTEROP_VENV ?= .venv-interop
+INTEROP_TORCH ?= 2.14.1
+INTEROP_TORCHVISION ?= 0.29.1
 
-.PHONY: demo test test-fast install install-test data lint clean gpu-kit
+.PHONY: demo test test-fast test-interop install install-test data lint clean gpu-kit
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +55,24 @@ test: install-test
 
 test-fast: install-test
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
+
+# model=torchvision:NAME / timm:NAME (docs/models.md) against the real packages; the core suite skips tests/interop
+# (created when missing; an existing one that already has the packages and this checkout's fusionkd is kept)
+$(INTEROP_VENV)/.ready:
+	@if $(INTEROP_VENV)/bin/python -c "import torchvision, timm, pytest, fusionkd, sys; \
+		sys.exit(not fusionkd.__file__.startswith('$(CURDIR)/'))" 2>/dev/null; then \
+		echo "$(INTEROP_VENV) is ready"; \
+	else \
+		$(PYTHON) -m venv $(INTEROP_VENV) && \
+		$(INTEROP_VENV)/bin/python -m pip install --quiet --upgrade pip && \
+		$(INTEROP_VENV)/bin/python -m pip install --quiet "torch==$(INTEROP_TORCH)" \
+			"torchvision==$(INTEROP_TORCHVISION)" timm pytest pyyaml numpy pillow && \
+		$(INTEROP_VENV)/bin/python -m pip install --quiet --no-deps -e .; \
+	fi
+	touch $@
+
+test-interop: $(INTEROP_VENV)/.ready
+	OMP_NUM_THREADS=1 $(INTEROP_VENV)/bin/python -m pytest -q tests/interop -p no:cacheprovider
 
 lint: install-test
 	$(VENV)/bin/ruff check src tests benchmarks
