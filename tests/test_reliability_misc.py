@@ -254,7 +254,9 @@ def test_sigterm_stops_training_like_ctrl_c_and_the_run_resumes(tmp_path):
 
 
 def test_sighup_stops_training_with_exit_code_129(tmp_path):
-    proc, err, run = _stop_after_first_epoch(tmp_path, signal.SIGHUP, [])
+    # 300 tiny epochs: the run cannot finish before the signal lands, however loaded the machine (with 10 it
+    # once did, on a busy CI box, between the poll that saw last.pt and the signal)
+    proc, err, run = _stop_after_first_epoch(tmp_path, signal.SIGHUP, ["epochs=300"])
     assert proc.returncode == 128 + signal.SIGHUP, err
     assert f"stopped by SIGHUP; the last finished epoch is in {run / 'last.pt'}" in err
     assert (run / "last.pt").is_file() and not (run / "summary.json").exists()
