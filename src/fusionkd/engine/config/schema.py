@@ -39,6 +39,9 @@ class Config:
     teacher_model: str | None = None  #: instead of teacher: a model name for a teacher from outside fusionkd
     teacher_weights: str | None = None  #: weights file of teacher_model (.pth/.pt/.safetensors/checkpoint)
     teacher_min_accuracy: float | None = None  #: refuse a teacher below this val accuracy (%); unset: chance
+    #: several teachers whose logits are averaged (kd, dkd, dist): checkpoints, or NAME=FILE for outside ones
+    teachers: list[str] | None = None
+    teacher_mix: list[float] | None = None  #: weights of ``teachers``' logits (default: equal); normalised to sum 1
     weights: str | None = None  #: weights file that initialises the deployed network (or every peer)
     options: dict[str, Any] = field(default_factory=dict)  #: the method's own options
     plugins: list[str] | None = None  #: local .py files that register methods/models/datasets (``--plugin``)

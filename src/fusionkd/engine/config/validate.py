@@ -124,13 +124,14 @@ def validate(cfg: Config) -> None:
     if cfg.precision == "fp16" and resolved.type != "cuda":
         raise ConfigError("precision=fp16 needs a CUDA device; on CPU use precision=bf16 or fp32")
     # method-specific checks
-    if method_cls.needs_teacher and not (cfg.teacher or cfg.teacher_model):
+    if method_cls.needs_teacher and not (cfg.teacher or cfg.teacher_model or cfg.teachers):
         raise ConfigError(
             f"method {cfg.method!r} distils from a pre-trained teacher: pass --teacher CHECKPOINT "
             f"(a best.pt/last.pt from `fusionkd train --method baseline ...`), or teacher_model=NAME "
             f"teacher_weights=FILE for a teacher from outside fusionkd"
         )
     check_teacher_keys(cfg, method_cls.needs_teacher)
+    check_several_teachers(cfg, method_cls)
     if getattr(method_cls, "needs_indices", False) and (cfg.augment.mixup > 0 or cfg.augment.cutmix > 0):
         raise ConfigError(f"method {cfg.method!r} keeps a state per training sample (it is given each sample's "
                           "dataset index), and a MixUp/CutMix image is two samples at once: set augment.mixup=0 "
@@ -200,6 +201,59 @@ def check_teacher_keys(cfg: Config, needs_teacher: bool) -> None:
         if not entry.extras.get("user") and not cfg.teacher_weights:
             raise ConfigError(f"teacher_model={cfg.teacher_model!r} is a zoo model and needs teacher_weights=FILE "
                               "(its trained weights); a freshly initialised teacher teaches nothing")
+
+
+def split_teacher_item(item: str) -> tuple[str | None, str]:
+    """An item of ``teachers``: ``(None, CHECKPOINT)`` or ``(NAME, FILE)`` for ``NAME=FILE``."""
+    name, eq, file = str(item).partition("=")
+    return (name.strip(), file.strip()) if eq else (None, str(item))
+
+
+def check_several_teachers(cfg: Config, method_cls: type) -> None:
+    """``teachers=[...]`` (and ``teacher_mix``): two or more, one teacher source, a method that only reads the
+    teacher's logits, and mixing weights that are finite, >= 0, not all 0 and one per teacher."""
+    import math
+
+    from ...methods import METHODS
+    from ...models import MODELS
+    from ...registry import UnknownNameError
+
+    if cfg.teacher_mix is not None and not cfg.teachers:
+        raise ConfigError("teacher_mix weighs the logits of teachers=[...]; give the teachers too")
+    if not cfg.teachers:
+        return
+    accepted = sorted(e.name for e in METHODS.entries()
+                      if e.obj.needs_teacher and not getattr(e.obj, "teacher_maps", True))
+    if not method_cls.needs_teacher or getattr(method_cls, "teacher_maps", True):
+        raise ConfigError(f"method {cfg.method!r} cannot learn from several teachers: "
+                          + ("it uses no teacher" if not method_cls.needs_teacher else
+                             "it reads the teacher's stage maps or features, and several teachers give only their "
+                             "averaged logits")
+                          + f"; the methods that take teachers=[...] are {', '.join(accepted)}")
+    if cfg.teacher or cfg.teacher_model or cfg.teacher_weights:
+        raise ConfigError("give teachers=[...] or one teacher (teacher=CHECKPOINT, or teacher_model=NAME "
+                          "teacher_weights=FILE), not both")
+    if len(cfg.teachers) < 2:
+        raise ConfigError(f"teachers takes two or more teachers, got {len(cfg.teachers)}; one teacher is "
+                          "teacher=CHECKPOINT (or teacher_model=NAME teacher_weights=FILE)")
+    for item in cfg.teachers:
+        name, file = split_teacher_item(item)
+        if not file:
+            raise ConfigError(f"teachers: {item!r} names no file (give a checkpoint, or NAME=FILE for a teacher "
+                              "from outside fusionkd)")
+        if name is not None:
+            try:
+                MODELS.entry(name)
+            except UnknownNameError as e:
+                raise ConfigError(f"teachers: {item!r}: {e}") from None
+    if cfg.teacher_mix is not None:
+        mix = list(cfg.teacher_mix)
+        if len(mix) != len(cfg.teachers):
+            raise ConfigError(f"teacher_mix has {len(mix)} weights for {len(cfg.teachers)} teachers; give one per "
+                              "teacher")
+        if not all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0 for w in mix) or sum(mix) <= 0:
+            raise ConfigError(f"teacher_mix={mix}: the weights must be finite numbers >= 0, not all 0 (they are "
+                              "normalised to sum to 1)")
 
 
 def check_files(cfg: Config) -> None:
