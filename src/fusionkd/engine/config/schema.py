@@ -43,6 +43,9 @@ class Config:
     teachers: list[str] | None = None
     teacher_mix: list[float] | None = None  #: weights of ``teachers``' logits (default: equal); normalised to sum 1
     weights: str | None = None  #: weights file that initialises the deployed network (or every peer)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  #: package keyword arguments of model/peers
+    teacher_model_kwargs: dict[str, Any] = field(default_factory=dict)  #: same, of teacher_model
+    pretrained: bool = False  #: torchvision:/timm: model from its published weights
     options: dict[str, Any] = field(default_factory=dict)  #: the method's own options
     plugins: list[str] | None = None  #: local .py files that register methods/models/datasets (``--plugin``)
     # -- data
