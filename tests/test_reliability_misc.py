@@ -50,10 +50,17 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
 
 
+def _default_stop_signals() -> None:
+    """In the child: SIGTERM/SIGHUP as a terminal would deliver them. Run under ``nohup`` (whose SIG_IGN a
+    child inherits), fusionkd rightly keeps ignoring SIGHUP, and the stop tests would test nothing."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _fusionkd(args: list[str], **kw) -> subprocess.Popen:
     """``python -m fusionkd ARGS`` in a fresh process (stdout and stderr as text pipes)."""
     return subprocess.Popen([sys.executable, "-m", "fusionkd", *args], env=_env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_default_stop_signals, **kw)
 
 
 def _yaml(path: Path, data: dict) -> str:
@@ -254,8 +261,7 @@ def test_sigterm_stops_training_like_ctrl_c_and_the_run_resumes(tmp_path):
 
 
 def test_sighup_stops_training_with_exit_code_129(tmp_path):
-    # 300 tiny epochs: the run cannot finish before the signal lands, however loaded the machine (with 10 it
-    # once did, on a busy CI box, between the poll that saw last.pt and the signal)
+    # 300 tiny epochs: the run cannot finish before the signal lands, however loaded the machine
     proc, err, run = _stop_after_first_epoch(tmp_path, signal.SIGHUP, ["epochs=300"])
     assert proc.returncode == 128 + signal.SIGHUP, err
     assert f"stopped by SIGHUP; the last finished epoch is in {run / 'last.pt'}" in err
