@@ -263,13 +263,14 @@ def plan(spec: CompareSpec) -> tuple[Task | None, list[Task]]:
     # so does the teacher check's threshold (whichever the teacher; it is not a teacher of its own)
     outside = {k: common.pop(k) for k in ("teacher_model", "teacher_weights") if k in common}
     teacher_check = {k: common.pop(k) for k in ("teacher_min_accuracy",) if k in common}
+    several = {k: common.pop(k) for k in ("teachers", "teacher_mix") if k in common}  # offline runs only, too
     if outside.get("teacher_weights"):
         outside["teacher_weights"] = str(Path(outside["teacher_weights"]).resolve())
     offline = [m for m in spec.methods if METHODS.get(method_of(m)).needs_teacher]
-    if sum(bool(x) for x in (teacher_path, spec.teacher_model, outside)) > 1:
-        raise ConfigError("give one teacher, not both: teacher=PATH, --teacher-model NAME (trained here first), or "
-                          "teacher_model=NAME teacher_weights=FILE (from outside fusionkd)")
-    if offline and not (teacher_path or spec.teacher_model or outside):
+    if sum(bool(x) for x in (teacher_path, spec.teacher_model, outside, several.get("teachers"))) > 1:
+        raise ConfigError("give one teacher, not both: teacher=PATH, --teacher-model NAME (trained here first), "
+                          "teacher_model=NAME teacher_weights=FILE (from outside fusionkd), or teachers=[...]")
+    if offline and not (teacher_path or spec.teacher_model or outside or several.get("teachers")):
         raise ConfigError(
             f"offline method(s) {', '.join(offline)} distil from a pre-trained teacher: pass teacher=PATH (a "
             "best.pt of `fusionkd train --method baseline ...`), --teacher-model NAME to train one first, or "
@@ -306,6 +307,7 @@ def plan(spec: CompareSpec) -> tuple[Task | None, list[Task]]:
         if needs:
             layer["teacher"] = str(Path(teacher_path).resolve()) if teacher_path else None
             layer.update(outside)
+            layer.update(several)
             layer.update(teacher_check)
         cfg = resolve_config(from_file, common, per_method.get(method, {}), layer)
         label = f"[{i}/{len(grid)}] {method} {model} seed {seed}"

@@ -33,9 +33,10 @@ import numpy as np
 import torch
 
 from ..data import DatasetInfo, DataSplits, DeviceLoader, make_loader
-from ..methods import METHODS, Teacher
+from ..methods import METHODS, EnsembleTeacher, Teacher
 from .checkpoint import CheckpointError, build_deploy_model, load_checkpoint
 from .config import Config, ConfigError
+from .config.validate import split_teacher_item
 
 log = logging.getLogger("fusionkd")
 
@@ -88,6 +89,13 @@ def check_teacher_file(cfg: Config) -> None:
                               "an exported .pt, or a run folder holding one)")
     if cfg.teacher_weights and not Path(cfg.teacher_weights).expanduser().is_file():
         raise ConfigError(f"teacher_weights={cfg.teacher_weights!r}: no such file")
+    for item in cfg.teachers or [] if METHODS.get(cfg.method).needs_teacher else []:
+        name, file = split_teacher_item(item)
+        p = Path(file).expanduser()
+        ok = p.is_file() or (name is None and p.is_dir() and any((p / n).is_file() for n in ("best.pt", "last.pt")))
+        if not ok:
+            raise ConfigError(f"teachers: {item!r}: no such " + ("file" if name else
+                              "checkpoint (give a fusionkd best.pt/last.pt, an exported .pt, or a run folder)"))
 
 
 def check_teacher_matches(meta: dict[str, Any], info: DatasetInfo, source: str) -> None:
@@ -183,6 +191,11 @@ def teacher_from_meta(meta: dict[str, Any], info: DatasetInfo, device: torch.dev
     """A teacher network of the recorded architecture, weights to be filled by ``method_state``."""
     from ..models import create_model
 
+    if meta.get("members"):  # several teachers: each rebuilt, then the ensemble (its mix comes with the weights)
+        members = [teacher_from_meta(m, info, device).model for m in meta["members"]]
+        model = EnsembleTeacher(members, meta.get("mix")).to(device).eval()
+        return Teacher(model=model, model_name=meta["model"], meta=dict(meta))
+
     model = create_model(meta["model"], num_classes=len(info.classes), in_chans=info.in_chans,
                          **dict(meta.get("model_kwargs") or {})).to(device)
     model.eval()
@@ -197,6 +210,8 @@ def build_teacher(cfg: Config, info: DatasetInfo, device: torch.device,
     weights come from its checkpoint), from outside fusionkd (``teacher_model``), or ``teacher=CHECKPOINT``."""
     if teacher_meta is not None:
         return teacher_from_meta(teacher_meta, info, device)
+    if cfg.teachers:
+        return load_ensemble(cfg, info, device)
     if cfg.teacher_model:
         return load_outside_teacher(cfg, info, device)
     return load_teacher(cfg.teacher, info, device, cfg)
@@ -247,8 +262,9 @@ def check_teacher(teacher: Teacher, splits: DataSplits, cfg: Config, device: tor
                     teacher.model_name, check["undecided"])
         return check
     if acc <= threshold:
+        source = teacher.meta.get("path") or cfg.teacher_weights or cfg.teacher or "its own weights"
         raise ConfigError(
-            f"the teacher {teacher.model_name!r} ({cfg.teacher_weights or cfg.teacher or 'its own weights'}) gets "
+            f"the teacher {teacher.model_name!r} ({source}) gets "
             f"{acc:.2f}% on "
             f"the {split} split ({n} images), no better than chance (threshold {threshold:.2f}%: "
             f"{check['threshold_rule']}); it would teach nothing. Check that the weights are the trained ones, "
@@ -262,9 +278,39 @@ def check_teacher(teacher: Teacher, splits: DataSplits, cfg: Config, device: tor
 def start_teacher(teacher: Teacher | None, splits: DataSplits, cfg: Config, device: torch.device, amp,
                   first_start: bool) -> None:
     """At the start of a run: check a new run's teacher (:func:`check_teacher`); name a resumed run's."""
-    if teacher is not None and first_start:  # outside teachers and teacher=CHECKPOINT alike
+    if teacher is not None and first_start and isinstance(teacher.model, EnsembleTeacher):
+        for member, meta in zip(teacher.model.members, teacher.meta["members"]):  # each member, then the mix
+            meta["check"] = check_teacher(Teacher(member, meta["model"], meta), splits, cfg, device, amp,
+                                          cfg.eval_batch_size)
+        check_teacher(teacher, splits, cfg, device, amp, cfg.eval_batch_size)
+    elif teacher is not None and first_start:  # outside teachers and teacher=CHECKPOINT alike
         check_teacher(teacher, splits, cfg, device, amp, cfg.eval_batch_size)
     elif teacher is not None:
         acc = teacher.meta.get("test_accuracy")
         log.info("teacher %s (%s), recorded test accuracy %s", teacher.model_name,
                  teacher.meta.get("path"), f"{acc:.2f}%" if acc is not None else "n/a")
+
+
+def load_ensemble(cfg: Config, info: DatasetInfo, device: torch.device) -> Teacher:
+    """``teachers=[...]``: each teacher loaded as ``teacher=`` (a checkpoint) or ``teacher_model=NAME
+    teacher_weights=FILE`` (an item ``NAME=FILE``) would load it, then one :class:`EnsembleTeacher`."""
+    import dataclasses
+
+    members: list[Teacher] = []
+    for item in cfg.teachers:
+        name, file = split_teacher_item(item)
+        if name is None:
+            members.append(load_teacher(file, info, device, cfg))
+        else:
+            one = dataclasses.replace(cfg, teachers=None, teacher_mix=None, teacher_model=name, teacher_weights=file)
+            members.append(load_outside_teacher(one, info, device))
+    try:
+        model = EnsembleTeacher([t.model for t in members], cfg.teacher_mix).to(device).eval()
+    except ValueError as e:
+        raise ConfigError(f"teachers: {e}") from None
+    mix = [round(float(w), 6) for w in model.mix]
+    label = "ensemble(" + ", ".join(t.model_name for t in members) + ")"
+    log.info("teachers: %s, logits mixed with weights %s", label, mix)
+    meta = {"path": None, "source": "teachers", "model": label, "model_kwargs": {}, "mix": mix,
+            "members": [t.meta for t in members], "test_accuracy": None, "val_accuracy": None}
+    return Teacher(model=model, model_name=label, meta=meta)

@@ -12,7 +12,16 @@ import pkgutil
 from typing import Any
 
 from ..errors import PluginError
-from .base import METHODS, Method, MethodContext, NoOptions, Teacher, count_parameters, register_method
+from .base import (
+    METHODS,
+    EnsembleTeacher,
+    Method,
+    MethodContext,
+    NoOptions,
+    Teacher,
+    count_parameters,
+    register_method,
+)
 
 for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
     if _info.name not in {"base", "losses"} and not _info.name.startswith("_"):
@@ -32,4 +41,5 @@ def adopt_method(name: str, obj: Any, doc: str) -> None:
 
 METHODS.adopt_with(adopt_method)
 
-__all__ = ["METHODS", "Method", "MethodContext", "NoOptions", "Teacher", "count_parameters", "register_method"]
+__all__ = ["METHODS", "EnsembleTeacher", "Method", "MethodContext", "NoOptions", "Teacher", "count_parameters",
+           "register_method"]

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import stage_maps
-from .base import Method, MethodContext, NetDeployment
+from .base import EnsembleTeacher, Method, MethodContext, NetDeployment
 from .losses import linear_rampup
 
 
@@ -33,6 +33,9 @@ class OfflineMethod(NetDeployment, Method):
 
     family = "offline"
     needs_teacher = True
+    #: whether the method reads the teacher's stage maps (or features); ``False``: its logits only, so several
+    #: teachers (``teachers=[...]``, an :class:`EnsembleTeacher`) can teach it
+    reads_teacher_maps = True
 
     def __init__(self, ctx: MethodContext, options: Any = None) -> None:
         super().__init__(ctx, options)
@@ -43,6 +46,9 @@ class OfflineMethod(NetDeployment, Method):
             )
         self.net = ctx.create()
         teacher = ctx.teacher.model
+        if isinstance(teacher, EnsembleTeacher) and self.reads_teacher_maps:
+            raise ValueError(f"method {self.name!r} reads the teacher's stage maps; several teachers give only "
+                             "their averaged logits (teachers=[...] goes with kd, dkd and dist)")
         t_classes = getattr(teacher, "num_classes", ctx.num_classes)
         t_chans = getattr(teacher, "in_chans", ctx.in_chans)
         if t_classes != ctx.num_classes or t_chans != ctx.in_chans:
@@ -171,6 +177,9 @@ def check_temperature(temperature: float) -> None:
 
 
 def _maps_and_logits(net: nn.Module, images: torch.Tensor, raw: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """One forward of ``net``: its stage maps (the contract's, or the raw outputs) and its logits."""
+    """One forward of ``net``: its stage maps (the contract's, or the raw outputs) and its logits; an
+    :class:`EnsembleTeacher` gives no maps (``[]``) and its mixed logits."""
+    if isinstance(net, EnsembleTeacher):
+        return [], net(images)
     maps, raw_maps = stage_maps(net, images)
     return (raw_maps if raw else maps), net.forward_head(maps[-1])

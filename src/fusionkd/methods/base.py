@@ -75,6 +75,39 @@ class Teacher:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+class EnsembleTeacher(nn.Module):
+    """Several frozen teachers seen as one: ``forward(x) = sum_i w_i * logits_i(x)``, ``sum_i w_i = 1``.
+
+    It offers logits only (no stage maps): the methods that read nothing but the teacher's logits (``kd``,
+    ``dkd``, ``dist``: ``reads_teacher_maps = False``) take it. ``members`` are the teachers, in the order given;
+    ``mix`` their weights (a buffer, kept in the checkpoint).
+    """
+
+    def __init__(self, members: list[nn.Module], mix: list[float] | None = None) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs two or more teachers, got {len(members)}")
+        weights = torch.tensor(mix if mix is not None else [1.0] * len(members), dtype=torch.float32)
+        if weights.shape != (len(members),) or not torch.isfinite(weights).all() or (weights < 0).any() \
+                or float(weights.sum()) <= 0:
+            raise ValueError(f"teacher weights {mix} must be one finite number >= 0 per teacher, not all 0")
+        self.members = nn.ModuleList(members)
+        self.register_buffer("mix", weights / weights.sum())
+        classes = {getattr(m, "num_classes", None) for m in members}
+        chans = {getattr(m, "in_chans", None) for m in members}
+        if len(classes) > 1 or len(chans) > 1:
+            raise ValueError(f"the teachers disagree on classes {sorted(map(str, classes))} or input channels "
+                             f"{sorted(map(str, chans))}")
+        self.num_classes, self.in_chans = classes.pop(), chans.pop()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        out = None
+        for w, m in zip(self.mix, self.members):
+            z = m(images).float() * w
+            out = z if out is None else out + z
+        return out
+
+
 @dataclass
 class MethodContext:
     """Everything a method needs to build itself, resolved by the engine from the run config.

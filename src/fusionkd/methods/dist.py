@@ -113,6 +113,7 @@ class DIST(OfflineMethod):
     class."""
     recipe_epochs = 240  #: the authors' CIFAR-100 schedule (dist_cifar.yaml), whose weights these defaults are
 
+    reads_teacher_maps = False  #: logits only: several teachers (teachers=[...]) can teach it
     Options = DISTOptions
 
     def training_step(self, images: torch.Tensor, labels: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:

@@ -149,6 +149,7 @@ class DKD(OfflineMethod):
     recipe_epochs = 240  #: mdistiller's CIFAR-100 schedule, whose weights, T and warm-up these defaults are
     recipe_options = ("ce_weight", "alpha", "beta", "temperature", "warmup_epochs")
 
+    reads_teacher_maps = False  #: logits only: several teachers (teachers=[...]) can teach it
     Options = DKDOptions
 
     def training_step(self, images: torch.Tensor, labels: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:

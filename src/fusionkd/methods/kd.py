@@ -73,6 +73,7 @@ class KD(OfflineMethod):
     """Hinton KD: the student learns from the labels and the teacher's softened probabilities."""
     recipe_epochs = 240  #: RepDistiller's CIFAR-100 schedule, whose gamma/alpha/T these defaults are
 
+    reads_teacher_maps = False  #: logits only: several teachers (teachers=[...]) can teach it
     Options = KDOptions
 
     def training_step(self, images: torch.Tensor, labels: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:

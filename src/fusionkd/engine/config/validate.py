@@ -223,8 +223,8 @@ def check_several_teachers(cfg: Config, method_cls: type) -> None:
     if not cfg.teachers:
         return
     accepted = sorted(e.name for e in METHODS.entries()
-                      if e.obj.needs_teacher and not getattr(e.obj, "teacher_maps", True))
-    if not method_cls.needs_teacher or getattr(method_cls, "teacher_maps", True):
+                      if e.obj.needs_teacher and not getattr(e.obj, "reads_teacher_maps", True))
+    if not method_cls.needs_teacher or getattr(method_cls, "reads_teacher_maps", True):
         raise ConfigError(f"method {cfg.method!r} cannot learn from several teachers: "
                           + ("it uses no teacher" if not method_cls.needs_teacher else
                              "it reads the teacher's stage maps or features, and several teachers give only their "
