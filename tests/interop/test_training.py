@@ -78,7 +78,8 @@ def test_a_vit_teacher_for_a_cnn_student(tmp_path, method):
 
 def test_vit_refusals(tmp_path):
     path = saved(tmp_path, "vit", timm.create_model(VIT[5:], num_classes=4, in_chans=1))
-    with pytest.raises(ConfigError, match="takes 224x224 images .* set image_size=224"):
+    with pytest.raises(ConfigError, match=r"takes 224x224 images .* teacher_model_kwargs=\{img_size: 32\}.* "
+                                          "or image_size=224"):
         fusionkd.train(method="kd", model="resnet20", teacher_model=VIT, teacher_weights=path,
                        out_dir=str(tmp_path), **TINY)
     for method, extra in (("dml", {"models": [VIT, "resnet20"]}), ("byot", {})):

@@ -44,7 +44,8 @@ def build_method(cfg: Config, info: DatasetInfo, device: torch.device,
     ctx = MethodContext(
         model=cfg.model, models=list(cfg.models or []), num_classes=len(info.classes), in_chans=info.in_chans,
         image_size=info.image_size, epochs=cfg.epochs, teacher=teacher,
-        weights=cfg.weights if load_weights else None,
+        weights=cfg.weights if load_weights else None, model_kwargs=dict(cfg.model_kwargs),
+        pretrained=bool(cfg.pretrained and load_weights),
         train_labels=(torch.as_tensor(train_labels).long().cpu()
                       if method_cls.needs_indices and train_labels is not None else None),
     )

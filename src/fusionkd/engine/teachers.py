@@ -48,6 +48,7 @@ def load_outside_teacher(cfg: Config, info: DatasetInfo, device: torch.device) -
     name = cfg.teacher_model
     entry = MODELS.entry(name)
     kwargs = {"replace_classifier": False} if entry.extras.get("user") else {}
+    kwargs.update(cfg.teacher_model_kwargs or {})  # the package's keywords (img_size ...), checked by validate
     try:
         model = create_model(name, num_classes=len(info.classes), in_chans=info.in_chans, **kwargs)
     except ValueError as e:
@@ -68,7 +69,7 @@ def load_outside_teacher(cfg: Config, info: DatasetInfo, device: torch.device) -
         "path": cfg.teacher_weights,
         "source": "teacher_model",
         "model": name,
-        "model_kwargs": {},
+        "model_kwargs": dict(cfg.teacher_model_kwargs or {}),  # a resumed run rebuilds it with them
         "weights": cfg.teacher_weights,
         "weights_note": report.describe() if report is not None else "the object's own weights",
         "data": None,

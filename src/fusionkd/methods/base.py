@@ -118,11 +118,15 @@ class MethodContext:
             ``[model] * m`` when the peers share one architecture.
         num_classes, in_chans, image_size: what the data gives (square inputs).
         epochs: length of the run, for schedules inside a method (ramp-ups, stage lengths).
-        model_kwargs: extra keyword arguments for every ``create_model`` call.
+        model_kwargs: extra keyword arguments for every ``create_model`` call (config ``model_kwargs``: a
+            ``torchvision:``/``timm:`` network's package keywords, a zoo factory's own ones); recorded with
+            the deployed network (:attr:`Method.deploy_model_kwargs`) so that it is rebuilt with them.
         teacher: the frozen teacher for offline methods, else ``None``.
         weights: a weights file (config ``weights=``) that initialises every network of the main
             architecture ``model`` that :meth:`create` makes (the student, every peer, the self methods'
             network), see :func:`fusionkd.models.load_weights_file`; ``None`` for a fresh initialisation.
+        pretrained: those same networks start from their package's published weights (config
+            ``pretrained=true``, ``torchvision:``/``timm:`` names only; a new run only, like ``weights``).
     """
 
     model: str
@@ -134,6 +138,7 @@ class MethodContext:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     teacher: Teacher | None = None
     weights: str | None = None
+    pretrained: bool = False
     #: what loading ``weights`` did, the first time (logged once, kept for the summary)
     weights_report: Any = None
     #: int64 ``(N,)``: the class of every training sample, by dataset index (the indices a method with
@@ -144,8 +149,11 @@ class MethodContext:
         """Create a network of zoo name ``name`` (default: the main model) for this data, initialised from
         ``weights`` when it is of the main architecture and ``pretrained`` (the default; ``False`` for a
         network whose weights are overwritten at once, e.g. a deploy network assembled from branches)."""
+        main = (name or self.model) == self.model
+        published = {"pretrained": True} if self.pretrained and pretrained and main else {}
         net = create_model(
-            name or self.model, num_classes=self.num_classes, in_chans=self.in_chans, **self.model_kwargs
+            name or self.model, num_classes=self.num_classes, in_chans=self.in_chans, **self.model_kwargs,
+            **published,
         )
         if self.weights and pretrained and (name or self.model) == self.model:
             from ..models.weights import load_weights_file
@@ -219,6 +227,12 @@ class Method(nn.Module):
     def deploy_model_name(self) -> str:
         """Zoo name of the network ``deploy_model()`` returns (it is rebuilt from this name + weights)."""
         return self.ctx.model
+
+    @property
+    def deploy_model_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments ``deploy_model_name`` is rebuilt with (``eval``, ``export``, as a teacher): the
+        run's ``model_kwargs``."""
+        return dict(self.ctx.model_kwargs)
 
     # ----------------------------------------------------------------- optional hooks
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:

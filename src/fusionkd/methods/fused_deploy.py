@@ -84,8 +84,9 @@ class FusedDeployment:
     @property
     def deploy_model_kwargs(self) -> dict[str, Any]:
         if not self._fused():
-            return {}
-        out: dict[str, Any] = {"peers": list(self.peers.names)}
+            return super().deploy_model_kwargs
+        # the run's model_kwargs reach every member (fused_peers passes its other keywords on to them)
+        out: dict[str, Any] = {**self.ctx.model_kwargs, "peers": list(self.peers.names)}
         if self.post is not None:
             o = self.options
             out["mfef"] = {"scales": o.scales, "mode": o.mode, "reduction": o.reduction}

@@ -7,12 +7,22 @@ registered, so that configs, compare's ``--models``, run folders, checkpoints, r
 ``export`` name it like any zoo model. Without the package the name is refused, naming the package and
 ``pip install 'fusionkd[interop]'``. Nothing here imports either package before such a name is looked up.
 
-Building (each call a freshly initialised network, the package's defaults otherwise):
+Building (each call a freshly initialised network; ``**kwargs``: the config's ``model_kwargs`` /
+``teacher_model_kwargs``, passed to the package's constructor, the package's defaults otherwise):
 
-* ``torchvision:NAME``: ``torchvision.models.get_model(NAME, weights=None, num_classes=...)`` (image
+* ``torchvision:NAME``: ``torchvision.models.get_model(NAME, weights=None, num_classes=..., **kwargs)`` (image
   classifiers only); for ``in_chans != 3`` the first ``Conv2d`` is replaced by one with ``in_chans`` inputs
   (same other settings).
-* ``timm:NAME[.TAG]``: ``timm.create_model(NAME, pretrained=False, num_classes=..., in_chans=...)``.
+* ``timm:NAME[.TAG]``: ``timm.create_model(NAME, pretrained=False, num_classes=..., in_chans=..., **kwargs)``.
+
+``num_classes``, ``in_chans`` and ``pretrained`` are fusionkd's (the data, the ``pretrained`` key) and never
+taken from the keyword arguments. :meth:`ExternalFactory.check_kwargs` builds the network on the meta device
+(no weights initialised, nothing downloaded) so that a keyword the package refuses is named before any work,
+and a ViT's input size follows its ``img_size``. ``pretrained=True`` (config ``pretrained=true``, a new run's
+main network only) asks the package for its published weights: timm's ``create_model(pretrained=True)``
+(which adapts the classifier, ``in_chans`` and a changed ``img_size``/``patch_size`` itself), torchvision's
+``DEFAULT`` weights file loaded like ``weights=FILE`` (the classifier replaced when the classes differ). A
+download that fails (no internet) is refused in one line that suggests ``weights=FILE``.
 
 Then the network is put on the backbone contract: a CNN through a :class:`~fusionkd.models.HookBackbone` (stages
 from timm's ``feature_info`` or torchvision's ResNet names by :func:`~fusionkd.models.infer_stages`, or, for
@@ -28,12 +38,13 @@ from __future__ import annotations
 
 import difflib
 import importlib
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import UnknownNameError
+from ..errors import ConfigError, UnknownNameError
 from .adapt import infer_stages
 from .hook import HookBackbone
 from .registry import MODELS
@@ -140,29 +151,107 @@ def stages_of(net: nn.Module, size: int, name: str) -> tuple[list[str], str]:
     return found
 
 
+def token_extras(net: nn.Module) -> dict[str, Any]:
+    """``{"tokens": True, "image_size": N}`` for a timm ViT whose input size is fixed, ``{}`` for a CNN."""
+    if not is_token_model(net):
+        return {}
+    extras: dict[str, Any] = {"tokens": True}
+    size = getattr(net.patch_embed, "img_size", None)
+    if size and getattr(net.patch_embed, "strict_img_size", True) and not getattr(net, "dynamic_img_size", False):
+        extras["image_size"] = int(size[0] if isinstance(size, (tuple, list)) else size)
+    return extras
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    text = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {text[:limit]}"
+
+
 class ExternalFactory:
-    """The registered factory of ``torchvision:NAME`` / ``timm:NAME``: ``factory(num_classes, in_chans)``."""
+    """The registered factory of ``torchvision:NAME`` / ``timm:NAME``:
+    ``factory(num_classes, in_chans, pretrained=False, **package_kwargs)``."""
 
     def __init__(self, package: str, arch: str, name: str) -> None:
         self.package = package
         self.arch = arch
         self.name = name
+        self._checked: dict[str, dict[str, Any]] = {}
 
-    def build(self, num_classes: int, in_chans: int) -> nn.Module:
+    def construct(self, num_classes: int, in_chans: int, kwargs: dict[str, Any]) -> nn.Module:
+        """The package's network, fresh weights."""
         if self.package == "timm":
             timm = import_package("timm", self.name)
-            return timm.create_model(self.arch, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+            return timm.create_model(self.arch, pretrained=False, num_classes=num_classes, in_chans=in_chans,
+                                     **kwargs)
         tv = import_package("torchvision", self.name)
-        net = tv.models.get_model(self.arch, weights=None, num_classes=num_classes)
+        net = tv.models.get_model(self.arch, weights=None, num_classes=num_classes, **kwargs)
         if in_chans != 3:
             set_in_chans(net, in_chans, self.name)
         return net
 
-    def __call__(self, num_classes: int, in_chans: int, **kwargs: Any) -> nn.Module:
-        if kwargs:
-            raise ValueError(f"model {self.name!r} takes no keyword arguments here ({', '.join(kwargs)}): the "
-                             f"{self.package} defaults are used (package options are not passed yet)")
-        net = self.build(num_classes, in_chans)
+    def check_kwargs(self, kwargs: dict[str, Any], key: str = "model_kwargs") -> dict[str, Any]:
+        """Build the network with ``kwargs`` on the meta device (nothing initialised or downloaded): a keyword
+        the package refuses raises ``ValueError`` naming it; returns the extras as they are with them."""
+        memo = repr(sorted(kwargs.items()))
+        if memo not in self._checked:
+            try:
+                with torch.device("meta"):
+                    probe = self.construct(10, 3, dict(kwargs))
+            except (TypeError, ValueError, AssertionError) as e:
+                raise ValueError(f"{key}={kwargs}: {self.package} refused them for {self.arch!r} ({first_line(e)})"
+                                 ) from None
+            except Exception:  # noqa: BLE001 - cannot be built on meta: the kwargs are checked when it is built
+                probe = None
+            self._checked[memo] = token_extras(probe) if probe is not None else {}
+        return dict(self._checked[memo])
+
+    def download_refused(self, e: BaseException) -> ConfigError:
+        timm_too = (" (or, for timm, keep pretrained=true with model_kwargs={pretrained_cfg_overlay: {file: FILE}}, "
+                    "which timm adapts to in_chans and img_size)") if self.package == "timm" else ""
+        return ConfigError(f"pretrained=true: the published weights of {self.name!r} could not be downloaded "
+                           f"({first_line(e)}); without internet access give a local weights file instead: "
+                           f"weights=FILE (.pth/.safetensors of this network) and pretrained=false{timm_too}")
+
+    def build(self, num_classes: int, in_chans: int, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+        if not pretrained:
+            try:
+                return self.construct(num_classes, in_chans, kwargs)
+            except TypeError as e:
+                raise ConfigError(f"model {self.name!r}: {self.package} refused the keyword arguments {kwargs} "
+                                  f"({first_line(e)})") from None
+        if self.package == "timm":
+            timm = import_package("timm", self.name)
+            try:
+                return timm.create_model(self.arch, pretrained=True, num_classes=num_classes, in_chans=in_chans,
+                                         **kwargs)
+            except Exception as e:  # noqa: BLE001 - hub/url errors of every kind: refused in one line
+                raise self.download_refused(e) from None
+        return self.construct(num_classes, in_chans, kwargs)  # torchvision: its file is loaded once wrapped
+
+    def published_file(self) -> Path:
+        """torchvision's ``DEFAULT`` weights file of this network, downloaded into torch.hub's cache (or found
+        there)."""
+        tv = import_package("torchvision", self.name)
+        try:
+            published = tv.models.get_model_weights(self.arch).DEFAULT
+            published.get_state_dict(progress=False)
+        except Exception as e:  # noqa: BLE001 - url/hash errors of every kind: refused in one line
+            raise self.download_refused(e) from None
+        return Path(torch.hub.get_dir()) / "checkpoints" / Path(published.url).name
+
+    def __call__(self, num_classes: int, in_chans: int, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        net = self.wrap(num_classes, in_chans, pretrained, kwargs)
+        if pretrained and self.package == "torchvision":
+            from .weights import load_weights_file  # as weights=FILE: the classifier replaced, conv1 adapted
+
+            load_weights_file(net, self.published_file(), what=f"the {self.name!r} of this run (pretrained=true)")
+        return net
+
+    def wrap(self, num_classes: int, in_chans: int, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+        reserved = [k for k in kwargs if k in ("num_classes", "in_chans", "pretrained")]
+        if reserved:
+            raise ValueError(f"model {self.name!r}: {reserved[0]!r} is set by fusionkd, not a package keyword here")
+        net = self.build(num_classes, in_chans, pretrained, kwargs)
         if is_token_model(net):
             return TokenBackbone(net)
         last: Exception | None = None
@@ -202,15 +291,9 @@ def resolve_timm(name: str) -> tuple[ExternalFactory, str, dict[str, Any]]:
     extras: dict[str, Any] = {"package": "timm"}
     try:  # on the meta device: the class and its input size without initialising any weights
         with torch.device("meta"):
-            probe = timm.create_model(arch, pretrained=False)
+            extras.update(token_extras(timm.create_model(arch, pretrained=False)))
     except Exception:  # noqa: BLE001 - a model that cannot be built on meta is probed when built
-        probe = None
-    if probe is not None and is_token_model(probe):
-        extras["tokens"] = True
-        size = getattr(probe.patch_embed, "img_size", None)
-        if size and getattr(probe.patch_embed, "strict_img_size", True) \
-                and not getattr(probe, "dynamic_img_size", False):
-            extras["image_size"] = int(size[0] if isinstance(size, (tuple, list)) else size)
+        pass
     return (ExternalFactory("timm", arch, name),
             f"timm {timm.__version__} {arch} (package defaults, fresh weights)", extras)
 

@@ -154,23 +154,36 @@ def check_external_models(cfg: Config, family: str) -> None:
     """Networks whose registry entry needs a given input size (``image_size``: a timm vision transformer at
     its package default) or whose head reads tokens (``tokens``: it cannot classify maps of a method's own
     making, as the online and self families do) are refused where they cannot serve, before any work."""
-    from ...models import MODELS
+    from ...models import EXTERNAL_PREFIXES
+    from ...models.registry import model_extras
     from ...registry import UnknownNameError
 
+    if cfg.teacher_model_kwargs and not cfg.teacher_model:
+        raise ConfigError("teacher_model_kwargs go with teacher_model=NAME; a teacher=CHECKPOINT is rebuilt with the "
+                          "keyword arguments it recorded")
+    if cfg.pretrained and cfg.weights:
+        raise ConfigError("give either pretrained=true (the package's published weights) or weights=FILE, not both")
+    if cfg.pretrained and not cfg.model.startswith(tuple(EXTERNAL_PREFIXES)):
+        raise ConfigError(f"pretrained=true asks torchvision or timm for their published weights, and model="
+                          f"{cfg.model!r} is not a torchvision:NAME / timm:NAME network; initialise it from a file "
+                          "with weights=FILE")
     size = native_image_size(cfg)
     trained = [cfg.model, *(cfg.models or [])]
     for key, name in [*(("model", m) for m in trained), ("teacher_model", cfg.teacher_model)]:
         if name is None:
             continue
+        kw_key = "teacher_model_kwargs" if key == "teacher_model" else "model_kwargs"
         try:
-            extras = MODELS.entry(name).extras
+            extras = model_extras(name, getattr(cfg, kw_key), kw_key)
         except UnknownNameError:
             continue  # reported by check_teacher_keys
+        except ValueError as e:  # a keyword the model does not take, or one fusionkd sets itself
+            raise ConfigError(f"{key}={name!r}: {e}") from None
         need = extras.get("image_size")
         if need and size is not None and int(size) != int(need):
-            raise ConfigError(f"{key}={name!r} takes {need}x{need} images (the package's default img_size; its "
-                              f"keyword arguments are not passed yet) but this run's are {size}x{size}: set "
-                              f"image_size={need}")
+            raise ConfigError(f"{key}={name!r} takes {need}x{need} images (its img_size) but this run's are "
+                              f"{size}x{size}: set {kw_key}={{img_size: {size}}} (with a patch_size that divides "
+                              f"it), or image_size={need}")
         if extras.get("tokens") and key == "model" and family in ("online", "self"):
             raise ConfigError(f"{key}={name!r} is a vision transformer: its head reads the class token, not a "
                               f"stage map, and the {family} methods classify maps of their own making (fused maps, "
