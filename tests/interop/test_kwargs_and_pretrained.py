@@ -22,6 +22,7 @@ import fusionkd  # noqa: E402
 from fusionkd.engine.checkpoint import build_deploy_model, load_checkpoint  # noqa: E402
 from fusionkd.engine.config import ConfigError  # noqa: E402
 from fusionkd.models import TokenBackbone, create_model  # noqa: E402
+from fusionkd.models.registry import model_extras  # noqa: E402
 
 pytestmark = pytest.mark.interop
 
@@ -66,6 +67,8 @@ def test_package_keywords_are_checked_before_any_work(tmp_path):
             fusionkd.train(method="baseline", model=VIT, model_kwargs={**SMALL, key: 1}, **run)
     with pytest.raises(ConfigError, match=r"takes 32x32 images .*model_kwargs=\{img_size: 28\}"):
         fusionkd.train(method="baseline", model=VIT, model_kwargs={"img_size": 32, "patch_size": 4}, **run)
+    assert "image_size" not in model_extras(VIT, {"dynamic_img_size": True})  # any size then
+    assert model_extras(VIT, SMALL)["image_size"] == 28 and model_extras(VIT, {})["image_size"] == 224
     with pytest.raises(ConfigError, match="either pretrained=true .* or weights=FILE"):
         fusionkd.train(method="baseline", model="torchvision:resnet18", pretrained=True,
                        weights=str(tmp_path / "w.pth"), **run)

@@ -59,7 +59,8 @@ def model_extras(name: str, kwargs: dict[str, Any] | None, key: str = "model_kwa
         raise ValueError(f"{key}: {reserved[0]!r} is set by fusionkd, not passed on (num_classes and in_chans "
                          "come from the data; pretrained=true is a config key of its own)")
     check = getattr(entry.obj, "check_kwargs", None)
-    if callable(check):
+    if callable(check):  # what the network is with these keywords replaces what it is with the defaults
+        extras = {k: v for k, v in extras.items() if k not in ("tokens", "image_size")}
         return {**extras, **check(kwargs, key)}
     try:
         params = inspect.signature(entry.obj).parameters
