@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -258,15 +259,40 @@ class ExternalFactory:
         for size in (DRY_RUN_SIZE, 224):
             try:
                 stages, head = stages_of(net, size, self.name)
-                hooked = HookBackbone(net, stages, head, input_shape=(in_chans, size, size))
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # the contract is checked below, strictly
+                    hooked = HookBackbone(net, stages, head, input_shape=(in_chans, size, size))
+                if not keeps_contract(hooked, in_chans, size):  # a head norm, a final (in-place) ReLU ...
+                    raise ValueError(f"its head applied to its last stage map {stages[-1]!r} does not give its own "
+                                     f"logits (something runs between them, e.g. a head norm or a final "
+                                     f"activation), so the methods that classify stage maps would train another "
+                                     f"network than the one deployed")
                 return hooked
-            except (RuntimeError, IndexError) as e:  # too small an input for the network: the next size
+            except (RuntimeError, IndexError, AssertionError) as e:  # too small an input (timm asserts): the next size
                 last = e
             except (ValueError, TypeError) as e:
                 raise ValueError(f"model {self.name!r} ({type(net).__name__}) cannot be put on fusionkd's backbone "
                                  f"contract: {e}. Supported: {SUPPORTED}") from None
         raise ValueError(f"model {self.name!r} did not run on {in_chans}-channel inputs of side {DRY_RUN_SIZE} or "
                          f"224: {last}")
+
+
+def keeps_contract(net: nn.Module, in_chans: int, size: int) -> bool:
+    """Whether ``forward_head(forward_stages(x)[-1]) == forward(x)`` on a random batch (eval mode, flags
+    restored). Checked on two separate forwards: the stage forward stops at the last stage, so a later
+    in-place operation of the wrapped forward (DenseNet's final ``relu(inplace=True)``) cannot alter the
+    captured map and hide the difference, as it does within one forward."""
+    flags = {m: m.training for m in net.modules()}
+    ref = next(net.parameters())
+    x = torch.randn(2, in_chans, size, size, generator=torch.Generator().manual_seed(0)).to(ref.device, ref.dtype)
+    net.eval()
+    try:
+        with torch.no_grad():
+            head = net.forward_head(net.forward_stages(x)[-1])
+            return bool(torch.allclose(head, net(x), rtol=1e-4, atol=1e-5))
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
 
 
 def resolve_torchvision(name: str) -> tuple[ExternalFactory, str, dict[str, Any]]:
