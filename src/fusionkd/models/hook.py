@@ -231,7 +231,10 @@ class HookBackbone(nn.Module):
         self.module.eval()
         try:
             with torch.no_grad():
-                maps, out = self._capture(x, stop_early=False)
+                # two forwards: within one, an in-place operation after the last stage (DenseNet's final
+                # relu(inplace=True)) would rewrite the captured map and hide a difference from the head
+                maps, _ = self._capture(x, stop_early=True)
+                out = self.module(x)
                 if not self._num_features:
                     self._num_features = maps[-1].shape[1]
                 try:
