@@ -256,3 +256,17 @@ def test_the_repdistiller_table_end_to_end_at_a_tiny_size(tmp_path, capsys):
                                                          "beta": 36.0, "warmup_epochs": 1}
     cfg = yaml.safe_load((out / "columns" / "vgg13-vgg8" / "runs" / "vgg8" / "dkd" / "s0" / "config.yaml").read_text())
     assert cfg["options"] == {"beta": 6.0, "warmup_epochs": 1}
+
+
+def test_a_failed_run_is_listed_and_the_command_fails(tmp_path, capsys):
+    """MFKD needs more epochs than its fusion stage: its run fails, the others finish, the table says which."""
+    data = write_cifar100(tmp_path / "data")
+    out = tmp_path / "t"
+    code = main(["compare", "--table", "mfkd-cifar100", "--out", str(out), "--columns", "vgg13-vgg8", *TINY_TABLE,
+                 "epochs=1", f"data_dir={data}"])
+    assert code == 1
+    md = (out / "table.md").read_text()
+    assert "## Failed runs" in md and "- vgg13->vgg8: [4/4] mfkd vgg8 seed 0" in md
+    line = next(ln for ln in md.splitlines() if ln.startswith("| MFKD |"))
+    assert "| MFKD | - (70.88) | - (73.71) |" == line
+    assert next(ln for ln in md.splitlines() if ln.startswith("| KD |")).split("|")[3].strip() != "- (72.98)"
