@@ -49,7 +49,7 @@ from ..errors import ConfigError, UnknownNameError
 from .adapt import infer_stages
 from .hook import HookBackbone
 from .registry import MODELS
-from .tokens import TokenBackbone
+from .tokens import TokenBackbone, as_token_model, is_torchvision_vit
 
 INSTALL = "pip install 'fusionkd[interop]'"
 PREFIXES = {"torchvision:": "torchvision", "timm:": "timm"}
@@ -60,7 +60,7 @@ TRUNKS = ("features", "layers", "trunk_output")
 HEADS = ("classifier", "fc")
 SUPPORTED = ("torchvision ResNet/ResNeXt/Wide-ResNet (layer1..4 + fc), MobileNetV2/V3, EfficientNet, MNASNet, "
              "RegNet (a block sequence + a classifier after global pooling); timm CNNs with feature_info; timm "
-             "vision transformers (forward_intermediates + class tokens)")
+             "vision transformers (forward_intermediates + class tokens); torchvision's VisionTransformer (vit_*)")
 
 
 def import_package(package: str, name: str) -> Any:
@@ -154,6 +154,8 @@ def stages_of(net: nn.Module, size: int, name: str) -> tuple[list[str], str]:
 
 def token_extras(net: nn.Module) -> dict[str, Any]:
     """``{"tokens": True, "image_size": N}`` for a timm ViT whose input size is fixed, ``{}`` for a CNN."""
+    if is_torchvision_vit(net):  # a fixed image_size (its keyword), checked by its own forward
+        return {"tokens": True, "image_size": int(net.image_size)}
     if not is_token_model(net):
         return {}
     extras: dict[str, Any] = {"tokens": True}
@@ -253,6 +255,8 @@ class ExternalFactory:
         if reserved:
             raise ValueError(f"model {self.name!r}: {reserved[0]!r} is set by fusionkd, not a package keyword here")
         net = self.build(num_classes, in_chans, pretrained, kwargs)
+        if is_torchvision_vit(net):
+            return TokenBackbone(as_token_model(net), head_name="heads.head")
         if is_token_model(net):
             return TokenBackbone(net)
         last: Exception | None = None
@@ -305,8 +309,14 @@ def resolve_torchvision(name: str) -> tuple[ExternalFactory, str, dict[str, Any]
             raise UnknownNameError(f"model {name!r} is not an image classifier (torchvision lists it among its "
                                    "detection/segmentation/video/optical-flow models); fusionkd trains classifiers")
         raise close_names(arch, known, "torchvision", name)
+    extras: dict[str, Any] = {"package": "torchvision"}
+    try:  # on the meta device: whether it is a vision transformer, and its input size, with no weights made
+        with torch.device("meta"):
+            extras.update(token_extras(tv.models.get_model(arch, weights=None)))
+    except Exception:  # noqa: BLE001 - a model that cannot be built on meta is probed when built
+        pass
     return (ExternalFactory("torchvision", arch, name),
-            f"torchvision {tv.__version__} {arch} (package defaults, fresh weights)", {"package": "torchvision"})
+            f"torchvision {tv.__version__} {arch} (package defaults, fresh weights)", extras)
 
 
 def resolve_timm(name: str) -> tuple[ExternalFactory, str, dict[str, Any]]:

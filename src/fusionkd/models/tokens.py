@@ -112,3 +112,58 @@ class TokenBackbone(nn.Module):
     def split(self, at_stage: int) -> tuple[nn.Module, nn.Module]:
         raise TypeError("a vision transformer (TokenBackbone) cannot be split into trunk and tail: methods that "
                         "grow branches on a shared trunk (ffl_s, one) need a CNN")
+
+
+# --------------------------------------------------------------------------- torchvision's VisionTransformer
+def is_torchvision_vit(net: nn.Module) -> bool:
+    """torchvision's ``VisionTransformer`` (``vit_b_16`` ...): ``conv_proj``, ``class_token``, ``encoder``."""
+    enc = getattr(net, "encoder", None)
+    return all(hasattr(net, a) for a in ("conv_proj", "class_token", "heads", "image_size", "patch_size")) \
+        and hasattr(enc, "layers") and hasattr(enc, "pos_embedding")
+
+
+class _PatchEmbed:
+    """What :class:`TokenBackbone` reads of a timm ``patch_embed``: patch size, image size, projection."""
+
+    def __init__(self, net: nn.Module) -> None:
+        self.patch_size = (int(net.patch_size), int(net.patch_size))
+        self.img_size = (int(net.image_size), int(net.image_size))
+        self.proj = net.conv_proj
+        self.strict_img_size = True
+
+
+def _tv_forward_intermediates(self: nn.Module, x: torch.Tensor, indices: list[int], norm: bool = False,
+                              output_fmt: str = "NCHW") -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """torchvision's ``VisionTransformer.forward`` up to the final norm, keeping the patch tokens of the blocks
+    ``indices`` on the patch grid; returns ``(final tokens, maps)`` like timm's ``forward_intermediates``."""
+    x = self._process_input(x)
+    n = x.shape[0]
+    x = torch.cat([self.class_token.expand(n, -1, -1), x], dim=1)
+    x = self.encoder.dropout(x + self.encoder.pos_embedding)
+    side = int(self.image_size) // int(self.patch_size)
+    maps = []
+    for i, layer in enumerate(self.encoder.layers):
+        x = layer(x)
+        if i in indices:
+            maps.append(x[:, 1:].transpose(1, 2).reshape(n, -1, side, side))
+    return self.encoder.ln(x), maps
+
+
+def _tv_forward_head(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return self.heads(x[:, 0])
+
+
+def as_token_model(net: nn.Module) -> nn.Module:
+    """torchvision's ``VisionTransformer`` given the timm-like surface :class:`TokenBackbone` reads, in place and
+    without new submodules or parameters (its state dict keys stay torchvision's): ``blocks`` (its encoder
+    layers), ``patch_embed``, ``num_prefix_tokens = 1`` (the class token), ``embed_dim``,
+    ``forward_intermediates`` and ``forward_head`` (the class token after the final norm, through ``heads``)."""
+    import types
+
+    object.__setattr__(net, "blocks", net.encoder.layers)  # not registered: no second copy of the keys
+    object.__setattr__(net, "patch_embed", _PatchEmbed(net))
+    net.num_prefix_tokens = 1
+    net.embed_dim = net.num_features = int(net.hidden_dim)
+    net.forward_intermediates = types.MethodType(_tv_forward_intermediates, net)
+    net.forward_head = types.MethodType(_tv_forward_head, net)
+    return net
