@@ -47,6 +47,7 @@ from torch import nn
 
 from ..errors import ConfigError, UnknownNameError
 from .adapt import infer_stages
+from .features import FeaturesBackbone, has_features_api
 from .hook import HookBackbone
 from .registry import MODELS
 from .tokens import TokenBackbone, as_token_model, is_torchvision_vit
@@ -60,7 +61,8 @@ TRUNKS = ("features", "layers", "trunk_output")
 HEADS = ("classifier", "fc")
 SUPPORTED = ("torchvision ResNet/ResNeXt/Wide-ResNet (layer1..4 + fc), MobileNetV2/V3, EfficientNet, MNASNet, "
              "RegNet (a block sequence + a classifier after global pooling); timm CNNs with feature_info; timm "
-             "vision transformers (forward_intermediates + class tokens); torchvision's VisionTransformer (vit_*)")
+             "vision transformers (forward_intermediates + class tokens) and timm networks with their own "
+             "forward_intermediates/forward_head (ConvNeXt, EfficientNet, Swin ...); torchvision's VisionTransformer")
 
 
 def import_package(package: str, name: str) -> Any:
@@ -157,6 +159,11 @@ def token_extras(net: nn.Module) -> dict[str, Any]:
     if is_torchvision_vit(net):  # a fixed image_size (its keyword), checked by its own forward
         return {"tokens": True, "image_size": int(net.image_size)}
     if not is_token_model(net):
+        embed = getattr(net, "patch_embed", None)  # a hierarchical transformer (Swin) with a fixed input size
+        size = getattr(embed, "img_size", None)
+        if size and has_features_api(net) and getattr(embed, "strict_img_size", True) \
+                and not getattr(net, "dynamic_img_size", False):
+            return {"image_size": int(size[0] if isinstance(size, (tuple, list)) else size)}
         return {}
     extras: dict[str, Any] = {"tokens": True}
     size = getattr(net.patch_embed, "img_size", None)
@@ -250,6 +257,17 @@ class ExternalFactory:
             load_weights_file(net, self.published_file(), what=f"the {self.name!r} of this run (pretrained=true)")
         return net
 
+    def features_backbone(self, net: nn.Module, in_chans: int, size: int) -> nn.Module | None:
+        """A timm model through its ``forward_intermediates`` / ``forward_head`` (:class:`FeaturesBackbone`), when
+        it has them and keeps the contract that way; else None."""
+        if self.package != "timm" or not has_features_api(net):
+            return None
+        features = FeaturesBackbone(net, classifier_name(net))
+        try:
+            return features if keeps_contract(features, in_chans, size) else None
+        except (RuntimeError, ValueError, TypeError, AssertionError):
+            return None
+
     def wrap(self, num_classes: int, in_chans: int, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
         reserved = [k for k in kwargs if k in ("num_classes", "in_chans", "pretrained")]
         if reserved:
@@ -275,10 +293,19 @@ class ExternalFactory:
             except (RuntimeError, IndexError, AssertionError) as e:  # too small an input (timm asserts): the next size
                 last = e
             except (ValueError, TypeError) as e:
+                features = self.features_backbone(net, in_chans, size)  # timm's own stages and head, where it has them
+                if features is not None:
+                    return features
                 raise ValueError(f"model {self.name!r} ({type(net).__name__}) cannot be put on fusionkd's backbone "
                                  f"contract: {e}. Supported: {SUPPORTED}") from None
         raise ValueError(f"model {self.name!r} did not run on {in_chans}-channel inputs of side {DRY_RUN_SIZE} or "
                          f"224: {last}")
+
+
+def classifier_name(net: nn.Module) -> str:
+    """The dotted name of a timm model's ``get_classifier()`` (``head.fc``, ``classifier`` ...)."""
+    fc = net.get_classifier() if callable(getattr(net, "get_classifier", None)) else None
+    return next((n for n, m in net.named_modules() if m is fc and n), "head")
 
 
 def keeps_contract(net: nn.Module, in_chans: int, size: int) -> bool:
