@@ -270,3 +270,15 @@ def test_a_failed_run_is_listed_and_the_command_fails(tmp_path, capsys):
     line = next(ln for ln in md.splitlines() if ln.startswith("| MFKD |"))
     assert "| MFKD | - (70.88) | - (73.71) |" == line
     assert next(ln for ln in md.splitlines() if ln.startswith("| KD |")).split("|")[3].strip() != "- (72.98)"
+
+
+def test_a_failed_teacher_stops_the_table_in_one_line_before_any_student(tmp_path, capsys):
+    """A teacher whose training diverges (lr=1e30: a non-finite loss) fails its run; no student is trained."""
+    data = write_cifar100(tmp_path / "data")
+    out = tmp_path / "t"
+    code = main(["compare", "--table", "mfkd-cifar100", "--out", str(out), "--columns", "vgg13-vgg8", *TINY_TABLE,
+                 "lr=1e30", f"data_dir={data}"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert "fusionkd compare: teacher run(s) failed, so no student of theirs was trained: [1/1] baseline vgg13" in err
+    assert not (out / "columns").exists() and not (out / "table.md").exists()

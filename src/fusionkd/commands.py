@@ -165,6 +165,7 @@ def _compare_table(args: argparse.Namespace) -> int:
     """``fusionkd compare --table NAME``: a published table, teachers first, one grid per column."""
     from .compare.planning import parse_seeds
     from .compare.tables import TableRun, load_table, render_markdown, run_table
+    from .errors import RunsFailedError
 
     given = [f for f, v in (("--methods", args.methods), ("--method-options", args.method_options),
                             ("--teacher-model", args.teacher_model), ("--config", args.config)) if v]
@@ -186,6 +187,9 @@ def _compare_table(args: argparse.Namespace) -> int:
                    command=shlex.join(["fusionkd", "compare", *sys.argv[2:]]), columns=_csv(args.columns) or None)
     try:
         result = run_table(run, say=_say)
+    except RunsFailedError as e:  # not a usage error: runs failed (exit 1, as a comparison with failed runs)
+        print(f"fusionkd compare: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\ninterrupted; run the same command again to finish the table in {out}", file=sys.stderr)
         return 130

@@ -90,3 +90,7 @@ __all__ = [
     "DownloadError", "FusionKDError", "NonFiniteLossError", "PluginError", "RunLockedError", "StorageError",
     "StoreError", "StoreMismatchError", "TrackerError", "UnknownNameError", "WeightsError",
 ]
+
+
+class RunsFailedError(FusionKDError, RuntimeError):
+    """Runs that a later step needs did not finish (e.g. a published table's teachers): nothing after them ran."""

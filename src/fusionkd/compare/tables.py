@@ -35,6 +35,7 @@ import yaml
 
 from ..engine.checkpoint import atomic_write_text
 from ..engine.config import ConfigError
+from ..errors import RunsFailedError
 from ..methods import METHODS
 from ..models import MODELS
 from ..presets import TABLE_DIR, list_tables, preset_path
@@ -276,8 +277,9 @@ def run_table(run: TableRun, say: Callable[[str], None] = log.info) -> dict[str,
                                   common=tcommon, config_file=t.config or None, title=f"{t.title}: teachers",
                                   command=run.command, **kw), report=say)
         if res.failures:
-            raise RuntimeError("teacher run(s) failed: " + "; ".join(f.label for f in res.failures)
-                               + f" (see {out / 'teachers'})")
+            raise RunsFailedError("teacher run(s) failed, so no student of theirs was trained: "
+                                  + "; ".join(f.label for f in res.failures)
+                                  + f" (logs and report in {out / 'teachers'})")
     for col in columns:
         col_common = {**common, **col.options}
         if col.teacher:
