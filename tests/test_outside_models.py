@@ -481,3 +481,25 @@ def test_imagenet_normalisation_is_recorded_and_used_by_evaluation(tmp_path, tea
                        epochs=1, out_dir=str(tmp_path), name="k", **TINY)
     with pytest.raises(ConfigError, match="choose one of: data, imagenet"):
         fusionkd.train(method="baseline", normalize="cifar", out_dir=str(tmp_path), **TINY)
+
+
+def test_hookbackbone_sees_a_head_that_differs_even_behind_a_final_in_place_op():
+    """A final ``relu_`` after the last stage rewrites the captured map within one forward; the dry run checks on
+    two forwards, so ``keeps_contract`` is False (and a warning says so), as it is for the plain case."""
+    import torch.nn.functional as F
+
+    class InPlaceTail(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stage = nn.Conv2d(1, 4, 3, padding=1)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(F.adaptive_avg_pool2d(F.relu(self.stage(x), inplace=True), 1), 1))
+
+    with pytest.warns(UserWarning, match="differs from the forward"):
+        net = HookBackbone(InPlaceTail(), ["stage"], "fc", input_shape=(1, 8, 8))
+    assert net.keeps_contract is False
+    plain = HookBackbone(TVStyleResNet(num_classes=3), ["layer1", "layer2", "layer3", "layer4"], "fc",
+                         input_shape=(1, 16, 16))
+    assert plain.keeps_contract is True

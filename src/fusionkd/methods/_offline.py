@@ -12,6 +12,7 @@ This module starts with ``_``, so the methods package does not import it as a me
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -130,6 +131,14 @@ class Connector(nn.Sequential):
         conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
         nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
         super().__init__(conv, nn.BatchNorm2d(out_channels))
+
+
+def check_finite(options: Any, *keys: str) -> None:
+    """Raise ValueError naming the first of ``options``' fields ``keys`` that is NaN or infinite."""
+    for key in keys:
+        value = getattr(options, key)
+        if not math.isfinite(value):
+            raise ValueError(f"{key} must be a finite number, got {value}")
 
 
 def check_weights(**weights: float) -> None:

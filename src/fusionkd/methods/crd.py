@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._offline import OfflineMethod, check_classifier_trained, check_temperature, check_weights
+from ._offline import OfflineMethod, check_classifier_trained, check_finite, check_temperature, check_weights
 from .base import MethodContext, register_method
 from .kd import kd_terms
 
@@ -97,10 +97,7 @@ class CRDOptions:
     logit_std: bool = False
 
     def validate(self) -> None:
-        for key in ("ce_weight", "kd_weight", "crd_weight", "temperature", "nce_t", "nce_m"):
-            value = getattr(self, key)
-            if not math.isfinite(value):
-                raise ValueError(f"{key} must be a finite number, got {value}")
+        check_finite(self, "ce_weight", "kd_weight", "crd_weight", "temperature", "nce_t", "nce_m")
         check_weights(ce_weight=self.ce_weight, kd_weight=self.kd_weight, crd_weight=self.crd_weight)
         check_classifier_trained(self.ce_weight, self.kd_weight)
         check_temperature(self.temperature)

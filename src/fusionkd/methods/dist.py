@@ -20,14 +20,13 @@ Heads: ``net`` (the student). Deploy: the student.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ._offline import OfflineMethod, check_temperature, check_weights
+from ._offline import OfflineMethod, check_finite, check_temperature, check_weights
 from .base import register_method
 
 #: the epsilon the authors' ``cosine_similarity`` adds to the product of the two norms
@@ -51,10 +50,7 @@ class DISTOptions:
     temperature: float = 4.0
 
     def validate(self) -> None:
-        for key in ("ce_weight", "beta", "gamma", "temperature"):
-            value = getattr(self, key)
-            if not math.isfinite(value):
-                raise ValueError(f"{key} must be a finite number, got {value}")
+        check_finite(self, "ce_weight", "beta", "gamma", "temperature")
         check_weights(ce_weight=self.ce_weight, beta=self.beta, gamma=self.gamma)
         check_temperature(self.temperature)
 

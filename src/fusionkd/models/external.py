@@ -284,7 +284,7 @@ class ExternalFactory:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # the contract is checked below, strictly
                     hooked = HookBackbone(net, stages, head, input_shape=(in_chans, size, size))
-                if not keeps_contract(hooked, in_chans, size):  # a head norm, a final (in-place) ReLU ...
+                if not hooked.keeps_contract:  # its own dry run: a head norm, a final (in-place) ReLU ...
                     raise ValueError(f"its head applied to its last stage map {stages[-1]!r} does not give its own "
                                      f"logits (something runs between them, e.g. a head norm or a final "
                                      f"activation), so the methods that classify stage maps would train another "

@@ -127,8 +127,9 @@ class FeaturesBackbone(nn.Module):
         return maps, maps
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        """The model's own head (pooling, norm, classifier) on a map of the final features' shape."""
-        return self.head(x)
+        """The model's own head (pooling, norm, classifier) on a map of the final features' shape (called every
+        step: no :class:`FeaturesHead` is built here)."""
+        return self.module.forward_head(x.permute(0, 2, 3, 1) if self.channels_last else x)
 
     def split(self, at_stage: int) -> tuple[nn.Module, nn.Module]:
         raise TypeError("a timm network read through forward_intermediates cannot be split into trunk and tail: "

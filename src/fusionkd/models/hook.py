@@ -254,11 +254,13 @@ class HookBackbone(nn.Module):
         ]
         if not self.num_classes:
             self.num_classes = logits.shape[-1]
-        if not (
+        #: whether ``forward_head(forward_stages(x)[-1]) == forward(x)`` held on the dry run
+        self.keeps_contract = bool(
             isinstance(out, torch.Tensor)
             and out.shape == logits.shape
             and torch.allclose(out, logits, rtol=1e-4, atol=1e-5)
-        ):
+        )
+        if not self.keeps_contract:
             warnings.warn(
                 f"forward_head(forward_stages(x)[-1]) differs from the forward of "
                 f"{type(self.module).__name__} (stages {self.stage_names}, head {self.head_name!r}, "
