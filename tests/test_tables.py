@@ -282,3 +282,16 @@ def test_a_failed_teacher_stops_the_table_in_one_line_before_any_student(tmp_pat
     assert code == 1 and "Traceback" not in err
     assert "fusionkd compare: teacher run(s) failed, so no student of theirs was trained: [1/1] baseline vgg13" in err
     assert not (out / "columns").exists() and not (out / "table.md").exists()
+
+
+@pytest.mark.parametrize("files", [{"table.md": "my notes\n"}, {"table.md": "x", "table.json": '{"mine": 1}'},
+                                   {"table.csv": "a,b\n", "table.json": "not json"}])
+def test_table_files_it_did_not_write_are_refused_before_any_work(tmp_path, capsys, files):
+    out = tmp_path / "o"
+    out.mkdir()
+    for name, text in files.items():
+        (out / name).write_text(text)
+    assert main(["compare", "--table", "mfkd-cifar100", "--out", str(out), *TINY_TABLE,
+                 f"data_dir={tmp_path / 'nowhere'}"]) == 2
+    assert "that no `fusionkd compare --table` wrote" in capsys.readouterr().err
+    assert {p.name: p.read_text() for p in out.iterdir()} == files  # untouched, nothing added

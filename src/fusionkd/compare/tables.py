@@ -259,6 +259,7 @@ def run_table(run: TableRun, say: Callable[[str], None] = log.info) -> dict[str,
     from .grid import CompareSpec, compare
 
     t, out = run.table, Path(run.out)
+    check_table_files(out)
     seeds = run.seeds or t.seeds
     common, teacher_epochs = run.common()
     columns = run.selected()
@@ -321,6 +322,25 @@ def dataset_notes(t: Table, common: dict[str, Any]) -> list[str]:
         return []
     return [f"This run used dataset {common['dataset']!r}, not the table's {own!r}: the published numbers are for "
             f"{own!r} and do not compare with these."]
+
+
+TABLE_FILES = ("table.md", "table.csv", "table.json")
+
+
+def check_table_files(out: Path) -> None:
+    """Refuse, before any work, to write over ``table.*`` files in ``out`` that a table run did not write: they
+    may be overwritten only when ``table.json`` is there and is one (it names its table and has its cells)."""
+    present = [n for n in TABLE_FILES if (out / n).exists()]
+    if not present:
+        return
+    try:
+        ours = json.loads((out / "table.json").read_text())
+        ok = isinstance(ours, dict) and "table" in ours and isinstance(ours.get("cells"), list)
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"{out} holds {', '.join(present)} that no `fusionkd compare --table` wrote; they would be "
+                          "overwritten: choose another --out")
 
 
 def teacher_dir(out: Path, teacher: str) -> Path:
