@@ -87,8 +87,8 @@ def test_unknown_and_unsupported_names_are_refused_with_the_reason():
         MODELS.entry("timm:resnet19")
     with pytest.raises(UnknownNameError, match="not an image classifier"):
         MODELS.entry("torchvision:fasterrcnn_resnet50_fpn")
-    with pytest.raises(ValueError, match="Supported: torchvision ResNet"):  # a 7x7-pooled classifier
-        create_model("torchvision:vgg11", num_classes=4, in_chans=1)
+    with pytest.raises(ValueError, match="Supported: torchvision ResNet"):  # a classifier conv before the pooling
+        create_model("torchvision:squeezenet1_1", num_classes=4, in_chans=1)
     with pytest.raises(ValueError, match="timm refused the keyword arguments .*unexpected keyword argument 'img_size'"):
         create_model("timm:resnet18", num_classes=4, in_chans=1, img_size=64)  # package keywords go through
 

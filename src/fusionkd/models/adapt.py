@@ -106,7 +106,7 @@ def _replace_head(net: nn.Module, num_classes: int, name: str) -> nn.Module:
     log.info("%s: classifier %r replaced (%d -> %d classes, fresh initialisation)", name, key, old.out_features,
              num_classes)
     if isinstance(net, HookBackbone):
-        net = HookBackbone(net.module, net.stage_names, net.head_name, net.input_shape, net.pool)
+        net = net.rebuilt()
     else:
         net.num_classes = num_classes
     return net

@@ -51,6 +51,7 @@ from .features import FeaturesBackbone, has_features_api
 from .hook import HookBackbone
 from .registry import MODELS
 from .tokens import TokenBackbone, as_token_model, is_torchvision_vit
+from .tv_tails import FAMILIES, REFUSED
 
 INSTALL = "pip install 'fusionkd[interop]'"
 PREFIXES = {"torchvision:": "torchvision", "timm:": "timm"}
@@ -60,7 +61,8 @@ DRY_RUN_SIZE = 32
 TRUNKS = ("features", "layers", "trunk_output")
 HEADS = ("classifier", "fc")
 SUPPORTED = ("torchvision ResNet/ResNeXt/Wide-ResNet (layer1..4 + fc), MobileNetV2/V3, EfficientNet, MNASNet, "
-             "RegNet (a block sequence + a classifier after global pooling); timm CNNs with feature_info; timm "
+             "RegNet (a block sequence + a classifier after global pooling), ConvNeXt, Swin, DenseNet, VGG, "
+             "AlexNet, MaxViT, ShuffleNetV2 (their own head, models/tv_tails.py); timm CNNs with feature_info; timm "
              "vision transformers (forward_intermediates + class tokens) and timm networks with their own "
              "forward_intermediates/forward_head (ConvNeXt, EfficientNet, Swin ...); torchvision's VisionTransformer")
 
@@ -158,6 +160,8 @@ def token_extras(net: nn.Module) -> dict[str, Any]:
     """``{"tokens": True, "image_size": N}`` for a timm ViT whose input size is fixed, ``{}`` for a CNN."""
     if is_torchvision_vit(net):  # a fixed image_size (its keyword), checked by its own forward
         return {"tokens": True, "image_size": int(net.image_size)}
+    if type(net).__name__ == "MaxVit" and hasattr(net, "blocks"):  # torchvision's: fixed by its input_size keyword
+        return {"image_size": 4 * int(net.blocks[0].grid_size[0])}
     if not is_token_model(net):
         embed = getattr(net, "patch_embed", None)  # a hierarchical transformer (Swin) with a fixed input size
         size = getattr(embed, "img_size", None)
@@ -277,13 +281,24 @@ class ExternalFactory:
             return TokenBackbone(as_token_model(net), head_name="heads.head")
         if is_token_model(net):
             return TokenBackbone(net)
+        kind = type(net).__name__
+        if self.package == "torchvision" and kind in REFUSED:
+            raise ValueError(f"model {self.name!r} ({kind}) cannot be put on fusionkd's backbone contract: "
+                             f"{REFUSED[kind]}. Supported: {SUPPORTED}")
+        family = FAMILIES.get(kind) if self.package == "torchvision" else None
         last: Exception | None = None
         for size in (DRY_RUN_SIZE, 224):
             try:
-                stages, head = stages_of(net, size, self.name)
+                if family is not None and family.stages:
+                    stages, head = list(family.stages), family.head
+                else:
+                    stages, head = stages_of(net, size, self.name)
+                    head = family.head if family is not None else head
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # the contract is checked below, strictly
-                    hooked = HookBackbone(net, stages, head, input_shape=(in_chans, size, size))
+                    hooked = HookBackbone(net, stages, head, input_shape=(in_chans, size, size),
+                                          tail=family.tail if family else None,
+                                          stage_format=family.stage_format if family else "NCHW")
                 if not hooked.keeps_contract:  # its own dry run: a head norm, a final (in-place) ReLU ...
                     raise ValueError(f"its head applied to its last stage map {stages[-1]!r} does not give its own "
                                      f"logits (something runs between them, e.g. a head norm or a final "

@@ -22,6 +22,10 @@ from torch import nn
 from ..registry import UnknownNameError
 from .base import StageInfo
 
+#: ``tail(module, last_map) -> vector``: what a wrapped network runs between its last stage and its
+#: classifier (pooling, a norm ...), for :class:`HookBackbone`'s ``tail`` argument
+Tail = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
 
 class _StagesCaptured(Exception):
     """Raised by the last stage hook to skip the rest of the wrapped forward (never escapes)."""
@@ -35,18 +39,32 @@ class HookHead(nn.Module):
     it shares its parameters.
     """
 
-    def __init__(self, head: nn.Module, pool: bool, num_features: int) -> None:
+    def __init__(self, head: nn.Module, pool: bool, num_features: int, tail: Tail | None = None,
+                 module: nn.Module | None = None) -> None:
         super().__init__()
         self.fc = head
         self.pool = pool
         self.num_features = num_features
-        # ClassifierHead's other two parts, as the self methods use them: nothing before pooling or the head
-        self.pre = nn.Identity()
-        self.dropout = nn.Identity()
+        self.tail = tail
+        self.__dict__["module"] = module  # a reference (the tail's argument), not a second registration
         self.pre_activates = False
+        if tail is None:  # ClassifierHead's other two parts, as the self methods use them: nothing
+            self.pre = nn.Identity()
+            self.dropout = nn.Identity()
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("pre", "dropout") and self.__dict__.get("tail") is not None:
+            raise ValueError(f"{type(self.__dict__['module']).__name__}'s head is its own tail ({self.tail.__name__}: "
+                             "layers between its last stage and its classifier), not 'pre -> global pooling -> fc': "
+                             "a method that rebuilds the head from those parts (byot) cannot use this network; "
+                             "the other methods can")
+        return super().__getattr__(name)
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W) -> (B, C)`` when pooling, else ``x`` unchanged."""
+        """``(B, C, H, W) -> (B, C)`` when pooling (the wrapped module's own tail where it has one), else
+        ``x`` unchanged."""
+        if self.tail is not None:
+            return self.tail(self.__dict__["module"], x)
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1) if self.pool else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,6 +86,14 @@ class HookBackbone(nn.Module):
         pool: whether ``forward_head`` applies global average pooling + flatten before the head
             (``True`` for the usual ``... -> GAP -> fc`` networks); with ``False`` the head gets the
             map itself.
+        tail: for a network whose forward runs more than pooling between its last stage and its classifier
+            (ConvNeXt's head norm, DenseNet's final ReLU, VGG's first two fully connected layers):
+            ``tail(module, last_map) -> vector`` entering ``head_name``, replacing the pooling. A module-level
+            function (it is called with the wrapped module, so copies of the backbone stay independent).
+            The self methods that rebuild the head from ``pre -> pooling -> fc`` (byot) refuse such a network.
+        stage_format: ``"NCHW"``, or ``"NHWC"`` for networks whose stages output channels-last tensors
+            (torchvision's Swin): the maps are then offered permuted to ``(B, C, H, W)``; a ``tail`` gets
+            them so too.
 
     ``forward_head(forward_stages(x)[-1]) == forward(x)`` holds when the wrapped forward is
     ``... -> last stage -> [GAP + flatten] -> head``; a warning is issued at construction when the dry
@@ -82,8 +108,12 @@ class HookBackbone(nn.Module):
         head_name: str,
         input_shape: Sequence[int] = (3, 32, 32),
         pool: bool = True,
+        tail: Tail | None = None,
+        stage_format: str = "NCHW",
     ) -> None:
         super().__init__()
+        if stage_format not in ("NCHW", "NHWC"):
+            raise ValueError(f"stage_format must be 'NCHW' or 'NHWC', got {stage_format!r}")
         if isinstance(stage_names, str):
             raise TypeError("stage_names must be a list of module names, not a single string")
         if not stage_names:
@@ -98,6 +128,8 @@ class HookBackbone(nn.Module):
         self.stage_names = list(stage_names)
         self.head_name = head_name
         self.pool = pool
+        self.tail = tail
+        self.stage_format = stage_format
         self.input_shape = tuple(int(s) for s in input_shape)
         self.in_chans = self.input_shape[0]
         for name in [*self.stage_names, head_name]:
@@ -127,7 +159,7 @@ class HookBackbone(nn.Module):
     @property
     def head(self) -> HookHead:
         """The head seen as a :class:`~fusionkd.models.base.ClassifierHead` (``pooled``, ``fc``)."""
-        return HookHead(self._submodule(self.head_name), self.pool, self.num_features)
+        return HookHead(self._submodule(self.head_name), self.pool, self.num_features, self.tail, self.module)
 
     def forward(self, x: torch.Tensor) -> Any:
         """``module(x)``, unchanged."""
@@ -143,8 +175,17 @@ class HookBackbone(nn.Module):
         return maps
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        """Last stage map ``(B, C, H, W)`` -> ``head(GAP(x))`` (``pool=True``) or ``head(x)``."""
-        return self.head(x)
+        """Last stage map ``(B, C, H, W)`` -> ``head(GAP(x))`` (``pool=True``), ``head(tail(module, x))``
+        (with a ``tail``) or ``head(x)`` (called every step: no :class:`HookHead` is built here)."""
+        head = self.module.get_submodule(self.head_name)
+        if self.tail is not None:
+            return head(self.tail(self.module, x))
+        return head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1) if self.pool else x)
+
+    def rebuilt(self) -> HookBackbone:
+        """A new backbone over the same module with the same settings (after its head was replaced)."""
+        return HookBackbone(self.module, self.stage_names, self.head_name, self.input_shape, self.pool, self.tail,
+                            self.stage_format)
 
     def split(self, at_stage: int) -> tuple[nn.Module, nn.Module]:
         """Not available: a hooked module has no trunk/tail structure to cut."""
@@ -194,7 +235,7 @@ class HookBackbone(nn.Module):
                         else type(out)
                     )
                     raise TypeError(f"stage module {name!r} must return a 4-D (B, C, H, W) tensor, got {got}")
-                captured[i] = out
+                captured[i] = out.permute(0, 3, 1, 2) if self.stage_format == "NHWC" else out
                 if stop_early and len(captured) == n:
                     raise _StagesCaptured
 
@@ -241,7 +282,8 @@ class HookBackbone(nn.Module):
                     logits = self.forward_head(maps[-1])
                 except Exception as err:
                     raise ValueError(
-                        f"the head {self.head_name!r} (pool={self.pool}) cannot be applied to the last stage "
+                        f"the head {self.head_name!r} (pool={self.pool}, tail={getattr(self.tail, '__name__', None)}) "
+                        f"cannot be applied to the last stage "
                         f"map {self.stage_names[-1]!r} of shape {tuple(maps[-1].shape)}: {err}"
                     ) from err
         finally:
