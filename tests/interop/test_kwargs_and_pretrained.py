@@ -56,6 +56,26 @@ def test_a_vit_with_its_keywords_trains_resumes_evaluates_and_teaches(tmp_path):
     assert fusionkd.resume(r.run_dir, epochs=2).summary["epochs"] == 2
 
 
+def test_a_vit_member_of_several_teachers_takes_its_keywords_as_a_mapping(tmp_path):
+    """``teachers=[CHECKPOINT, {model, weights, kwargs}]``: the ViT's keywords reach timm, its input size is
+    checked against the run's before any work (without them it is a 224 px network), and a resumed run
+    rebuilds it from the checkpoint."""
+    torch.manual_seed(0)
+    path = tmp_path / "vit.pth"
+    torch.save(timm.create_model(VIT[5:], num_classes=4, in_chans=1, **SMALL).state_dict(), path)
+    cnn = fusionkd.train(method="baseline", model="resnet8", out_dir=str(tmp_path), name="cnn", **TINY)
+    common = dict(method="kd", model="resnet20", teacher_min_accuracy=0.0, out_dir=str(tmp_path), **TINY)
+    with pytest.raises(ConfigError, match="teachers item 'timm:vit_tiny_patch16_224' takes 224x224 images"):
+        fusionkd.train(teachers=[str(cnn.run_dir / "best.pt"), {"model": VIT, "weights": str(path)}], name="no",
+                       **common)
+    assert not (tmp_path / "no").exists()
+    member = {"model": VIT, "weights": str(path), "kwargs": SMALL}
+    r = fusionkd.train(teachers=[str(cnn.run_dir / "best.pt"), member], name="mix", **common)
+    assert load_checkpoint(r.run_dir / "last.pt")["teacher"]["members"][1]["model_kwargs"] == SMALL
+    path.unlink()
+    assert fusionkd.resume(r.run_dir, epochs=2).summary["epochs"] == 2
+
+
 def test_package_keywords_are_checked_before_any_work(tmp_path):
     run = dict(out_dir=str(tmp_path), **TINY)
     with pytest.raises(ConfigError, match="timm refused them .*unexpected keyword argument 'bogus'"):

@@ -91,7 +91,7 @@ def check_teacher_file(cfg: Config) -> None:
     if cfg.teacher_weights and not Path(cfg.teacher_weights).expanduser().is_file():
         raise ConfigError(f"teacher_weights={cfg.teacher_weights!r}: no such file")
     for item in cfg.teachers or [] if METHODS.get(cfg.method).needs_teacher else []:
-        name, file = split_teacher_item(item)
+        name, file, _ = split_teacher_item(item)
         p = Path(file).expanduser()
         ok = p.is_file() or (name is None and p.is_dir() and any((p / n).is_file() for n in ("best.pt", "last.pt")))
         if not ok:
@@ -299,11 +299,12 @@ def load_ensemble(cfg: Config, info: DatasetInfo, device: torch.device) -> Teach
 
     members: list[Teacher] = []
     for item in cfg.teachers:
-        name, file = split_teacher_item(item)
+        name, file, kwargs = split_teacher_item(item)
         if name is None:
             members.append(load_teacher(file, info, device, cfg))
         else:
-            one = dataclasses.replace(cfg, teachers=None, teacher_mix=None, teacher_model=name, teacher_weights=file)
+            one = dataclasses.replace(cfg, teachers=None, teacher_mix=None, teacher_model=name, teacher_weights=file,
+                                      teacher_model_kwargs=kwargs)
             members.append(load_outside_teacher(one, info, device))
     try:
         model = EnsembleTeacher([t.model for t in members], cfg.teacher_mix).to(device).eval()

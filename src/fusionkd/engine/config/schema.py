@@ -39,7 +39,8 @@ class Config:
     teacher_model: str | None = None  #: instead of teacher: a model name for a teacher from outside fusionkd
     teacher_weights: str | None = None  #: weights file of teacher_model (.pth/.pt/.safetensors/checkpoint)
     teacher_min_accuracy: float | None = None  #: refuse a teacher below this val accuracy (%); unset: chance
-    teachers: list[str] | None = None  #: several teachers, logits mixed (kd, dkd, dist): checkpoints or NAME=FILE
+    #: several teachers, logits mixed (kd, dkd, dist): checkpoints, NAME=FILE, or {model, weights, kwargs}
+    teachers: list[str | dict[str, Any]] | None = None
     teacher_mix: list[float] | None = None  #: weights of ``teachers``' logits (default: equal); normalised to sum 1
     weights: str | None = None  #: weights file that initialises the deployed network (or every peer)
     model_kwargs: dict[str, Any] = field(default_factory=dict)  #: package keyword arguments of model/peers

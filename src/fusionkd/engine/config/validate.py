@@ -4,6 +4,7 @@ compatible combinations, the run folder's name, the teacher keys and the weights
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ...errors import ConfigError
 from .schema import CHOICES, RANGES, Config, numeric_fields
@@ -179,16 +180,32 @@ def check_external_models(cfg: Config, family: str) -> None:
             continue  # reported by check_teacher_keys
         except ValueError as e:  # a keyword the model does not take, or one fusionkd sets itself
             raise ConfigError(f"{key}={name!r}: {e}") from None
-        need = extras.get("image_size")
-        if need and size is not None and int(size) != int(need):
-            raise ConfigError(f"{key}={name!r} takes {need}x{need} images (its img_size) but this run's are "
-                              f"{size}x{size}: set {kw_key}={{img_size: {size}}} (with a patch_size that divides "
-                              f"it), or image_size={need}")
+        check_size(extras, size, f"{key}={name!r}", kw_key)
         if extras.get("tokens") and key == "model" and family in ("online", "self"):
             raise ConfigError(f"{key}={name!r} is a vision transformer: its head reads the class token, not a "
                               f"stage map, and the {family} methods classify maps of their own making (fused maps, "
                               "branches); it can be trained by baseline and be a teacher or student of the "
                               "offline methods")
+
+
+def check_size(extras: dict[str, Any], size: int | None, what: str, kw_key: str) -> None:
+    """A network whose input size is fixed (``extras["image_size"]``) against the run's image size."""
+    need = extras.get("image_size")
+    if need and size is not None and int(size) != int(need):
+        raise ConfigError(f"{what} takes {need}x{need} images (its img_size) but this run's are {size}x{size}: set "
+                          f"{kw_key}={{img_size: {size}}} (with a patch_size that divides it), or image_size={need}")
+
+
+def check_input_size(cfg: Config, what: str, name: str, kwargs: dict[str, Any], kw_key: str) -> None:
+    """The keyword arguments of network ``name`` (checked by its package, on the meta device) and its input size
+    against the run's, before any work."""
+    from ...models.registry import model_extras
+
+    try:
+        extras = model_extras(name, kwargs, kw_key)
+    except ValueError as e:
+        raise ConfigError(f"{what}: {e}") from None
+    check_size(extras, native_image_size(cfg), what, kw_key)
 
 
 def check_teacher_keys(cfg: Config, needs_teacher: bool) -> None:
@@ -216,10 +233,33 @@ def check_teacher_keys(cfg: Config, needs_teacher: bool) -> None:
                               "(its trained weights); a freshly initialised teacher teaches nothing")
 
 
-def split_teacher_item(item: str) -> tuple[str | None, str]:
-    """An item of ``teachers``: ``(None, CHECKPOINT)`` or ``(NAME, FILE)`` for ``NAME=FILE``."""
+TEACHER_ITEM_KEYS = ("model", "weights", "kwargs")
+
+
+def split_teacher_item(item: str | dict[str, Any]) -> tuple[str | None, str, dict[str, Any]]:
+    """An item of ``teachers``: ``(None, CHECKPOINT, {})``; ``(NAME, FILE, {})`` for ``NAME=FILE``; or
+    ``(NAME, FILE, KWARGS)`` for a mapping ``{model: NAME, weights: FILE, kwargs: {...}}`` (the package's keyword
+    arguments of a teacher from outside fusionkd, as ``teacher_model_kwargs`` are for one teacher).
+
+    Raises:
+        ConfigError: a mapping with an unknown key, without ``model`` or ``weights``, or with values of the
+            wrong type.
+    """
+    if isinstance(item, dict):
+        unknown = [k for k in item if k not in TEACHER_ITEM_KEYS]
+        if unknown:
+            raise ConfigError(f"teachers: {item!r}: unknown key {unknown[0]!r}; a mapping takes "
+                              f"{', '.join(TEACHER_ITEM_KEYS)} (model and weights required)")
+        name, file, kwargs = item.get("model"), item.get("weights"), item.get("kwargs") or {}
+        if not isinstance(name, str) or not name.strip() or not isinstance(file, str) or not file.strip():
+            raise ConfigError(f"teachers: {item!r}: an item given as a mapping needs model: NAME and weights: FILE "
+                              "(strings); a fusionkd checkpoint is given as its path alone")
+        if not isinstance(kwargs, dict):
+            raise ConfigError(f"teachers: {item!r}: kwargs must be a mapping of the package's keyword arguments, "
+                              f"got {kwargs!r}")
+        return name.strip(), file.strip(), dict(kwargs)
     name, eq, file = str(item).partition("=")
-    return (name.strip(), file.strip()) if eq else (None, str(item))
+    return (name.strip(), file.strip(), {}) if eq else (None, str(item), {})
 
 
 def check_several_teachers(cfg: Config, method_cls: type) -> None:
@@ -250,15 +290,17 @@ def check_several_teachers(cfg: Config, method_cls: type) -> None:
         raise ConfigError(f"teachers takes two or more teachers, got {len(cfg.teachers)}; one teacher is "
                           "teacher=CHECKPOINT (or teacher_model=NAME teacher_weights=FILE)")
     for item in cfg.teachers:
-        name, file = split_teacher_item(item)
+        name, file, kwargs = split_teacher_item(item)
         if not file:
             raise ConfigError(f"teachers: {item!r} names no file (give a checkpoint, or NAME=FILE for a teacher "
                               "from outside fusionkd)")
-        if name is not None:
-            try:
-                MODELS.entry(name)
-            except UnknownNameError as e:
-                raise ConfigError(f"teachers: {item!r}: {e}") from None
+        if name is None:
+            continue
+        try:
+            MODELS.entry(name)
+        except UnknownNameError as e:
+            raise ConfigError(f"teachers: {item!r}: {e}") from None
+        check_input_size(cfg, f"teachers item {name!r}", name, kwargs, "kwargs")
     if cfg.teacher_mix is not None:
         mix = list(cfg.teacher_mix)
         if len(mix) != len(cfg.teachers):
