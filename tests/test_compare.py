@@ -141,6 +141,37 @@ def test_aggregation_matches_hand_computation(fabricated):
     assert y.deploy_last.std is None and y.gain_last.call == "unknown" and y.aux_head == "branch1"
 
 
+def test_runs_of_one_method_and_student_with_different_teachers_get_rows_of_their_own(tmp_path):
+    """A table's columns vgg13 -> resnet20 and resnet50 -> resnet20 read by one report: the kd runs are told apart
+    by their teacher (by a hash of the file when two teachers share a network); one teacher keeps the plain row."""
+    net = lambda *vt: {"net": list(vt)}  # noqa: E731
+
+    def run(column: str, method: str, seed: int, teacher: tuple[str, str] | None, last: float) -> None:
+        d = fake_run(tmp_path / column, method, seed, "offline" if teacher else "baseline", net((50, 50), (last, last)))
+        if teacher:
+            summary = json.loads((d / "summary.json").read_text())
+            summary["method_extras"] = {"teacher": {"model": teacher[0], "path": teacher[1]}}
+            (d / "summary.json").write_text(json.dumps(summary))
+
+    for seed in (0, 1):
+        run("a", "baseline", seed, None, 60 + seed)
+        run("a", "kd", seed, ("vgg13", "t/vgg13/best.pt"), 62 + seed)
+        run("b", "kd", seed, ("resnet50", "t/resnet50/best.pt"), 65 + seed)
+    groups = {g.method: g for g in summarize([load_run(p) for p in find_runs([tmp_path])])}
+    assert sorted(groups) == ["baseline", "kd (teacher resnet50)", "kd (teacher vgg13)"]
+    assert groups["kd (teacher vgg13)"].deploy_last.values == [62, 63]
+    assert groups["kd (teacher resnet50)"].deploy_last.values == [65, 66]
+    assert groups["kd (teacher resnet50)"].gain_last.diff == pytest.approx(5.0)  # against the one baseline
+
+    run("c", "kd", 0, ("vgg13", "other/vgg13/best.pt"), 70)  # a second vgg13 teacher: hashed labels
+    labels = sorted(g.method for g in summarize([load_run(p) for p in find_runs([tmp_path])]))
+    assert [lab.split(" #")[0] for lab in labels] == ["baseline", "kd (teacher resnet50)", "kd (teacher vgg13",
+                                                      "kd (teacher vgg13"]
+    assert len(set(labels)) == 4
+    one = summarize([load_run(p) for p in find_runs([tmp_path / "a"])])  # one teacher: the plain row
+    assert [g.method for g in one] == ["baseline", "kd"]
+
+
 def test_results_csv_rows(fabricated):
     rec = load_run(fabricated / "runs" / "resnet20" / "ffl" / "s0")
     rows = {r["head"]: r for r in run_rows(rec)}

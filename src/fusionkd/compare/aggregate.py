@@ -23,6 +23,7 @@ Definitions (also stated in every report):
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -59,6 +60,9 @@ class RunRecord:
     metrics: list[dict[str, Any]]
     #: the dataset as the report names it (set by :func:`label_datasets`; default: the dataset's name)
     dataset_label: str | None = None
+    #: the teacher, when runs of one method and student learned from different teachers (set by
+    #: :func:`label_datasets`; default None: the row is the method's alone)
+    teacher_label: str | None = None
 
     @property
     def label(self) -> str:
@@ -67,7 +71,16 @@ class RunRecord:
         (``OUT/runs/<model>/<METHOD@VARIANT>/s<seed>``)."""
         method = str(self.summary.get("method"))
         parent = self.path.parent.name
-        return parent if parent.startswith(method + "@") and len(parent) > len(method) + 1 else method
+        label = parent if parent.startswith(method + "@") and len(parent) > len(method) + 1 else method
+        return f"{label} (teacher {self.teacher_label})" if self.teacher_label else label
+
+    @property
+    def teacher_identity(self) -> tuple[str, str] | None:
+        """``(teacher network, its file)`` of an offline run, None for a run without a teacher."""
+        t = (self.summary.get("method_extras") or {}).get("teacher")
+        if not isinstance(t, dict):
+            return None
+        return (str(t.get("model")), str(t.get("path") or t.get("weights") or ""))
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -118,6 +131,27 @@ def label_datasets(records: Sequence[RunRecord]) -> None:
         if (len(folders) == 1 or same_folder_twice or not folder) and fp:
             label += f" #{fp[:8]}"
         r.dataset_label = label
+    label_teachers(records)
+
+
+def label_teachers(records: Sequence[RunRecord]) -> None:
+    """Give the runs of one method and student that learned from different teachers different rows (a table's
+    columns vgg13 -> mobilenetv2 and resnet50 -> mobilenetv2, read by one ``report``): each is labelled by its
+    teacher's network, with a short hash of its file's path when two teachers share a network."""
+    for r in records:
+        r.teacher_label = None
+    groups: dict[tuple[str, str, str], set[tuple[str, str]]] = {}
+    for r in records:
+        if r.teacher_identity is not None:
+            groups.setdefault(r.key, set()).add(r.teacher_identity)
+    for r in records:
+        ids = groups.get(r.key, set())
+        if len(ids) < 2 or r.teacher_identity is None:
+            continue
+        model, path = r.teacher_identity
+        same_model = sum(1 for m, _ in ids if m == model) > 1
+        digest = hashlib.sha1(path.encode()).hexdigest()[:6]
+        r.teacher_label = f"{model} #{digest}" if same_model else model
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[Path]:
