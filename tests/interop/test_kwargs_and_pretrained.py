@@ -24,12 +24,11 @@ from fusionkd.engine.config import ConfigError  # noqa: E402
 from fusionkd.models import TokenBackbone, create_model  # noqa: E402
 from fusionkd.models.registry import model_extras  # noqa: E402
 
+from .common import VIT, tiny  # noqa: E402
+
 pytestmark = pytest.mark.interop
 
-DATA = {"num_classes": 4, "in_chans": 1, "train_size": 32, "test_size": 8}
-TINY = dict(dataset="synthetic", dataset_options=DATA, image_size=28, val_fraction=0.25, batch_size=8,
-            eval_batch_size=64, epochs=1, lr=0.05, progress="none", threads=1)
-VIT = "timm:vit_tiny_patch16_224"
+TINY = tiny(image_size=28, train_size=32, test_size=8, batch_size=8)
 SMALL = {"img_size": 28, "patch_size": 4, "depth": 2}  # a 2-block ViT-Tiny on 7x7 patches: fast
 
 

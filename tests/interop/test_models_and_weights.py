@@ -17,11 +17,11 @@ from fusionkd.methods import MethodContext  # noqa: E402
 from fusionkd.models import MODELS, HookBackbone, TokenBackbone, create_model  # noqa: E402
 from fusionkd.registry import UnknownNameError  # noqa: E402
 
+from .common import tiny  # noqa: E402
+
 pytestmark = pytest.mark.interop
 
-DATA = {"num_classes": 4, "in_chans": 1, "train_size": 48, "test_size": 16}
-TINY = dict(dataset="synthetic", dataset_options=DATA, image_size=32, val_fraction=0.25, batch_size=16,
-            eval_batch_size=64, epochs=1, lr=0.05, progress="none", threads=1)
+TINY = tiny()
 
 
 @pytest.mark.parametrize("ours,theirs", [("imagenet_resnet18", "resnet18"), ("imagenet_resnet34", "resnet34"),

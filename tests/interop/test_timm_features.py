@@ -17,10 +17,11 @@ from fusionkd.models import MODELS, create_model  # noqa: E402
 from fusionkd.models.external import keeps_contract  # noqa: E402
 from fusionkd.models.features import FeaturesBackbone  # noqa: E402
 
+from .common import tiny  # noqa: E402
+
 pytestmark = pytest.mark.interop
 
-TINY = dict(dataset="synthetic", dataset_options={"num_classes": 4, "in_chans": 1, "train_size": 48, "test_size": 16},
-            image_size=32, val_fraction=0.25, batch_size=16, eval_batch_size=64, lr=0.05, progress="none", threads=1)
+TINY = tiny(epochs=None)
 
 
 @pytest.mark.parametrize("name, size, chans, strides", [

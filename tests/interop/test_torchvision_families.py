@@ -21,11 +21,11 @@ from fusionkd.engine.config import ConfigError  # noqa: E402
 from fusionkd.models import MODELS, HookBackbone, create_model  # noqa: E402
 from fusionkd.models.external import keeps_contract  # noqa: E402
 
+from .common import tiny  # noqa: E402
+
 pytestmark = pytest.mark.interop
 
-DATA = {"num_classes": 4, "in_chans": 1, "train_size": 32, "test_size": 8}
-TINY = dict(dataset="synthetic", dataset_options=DATA, image_size=32, val_fraction=0.25, batch_size=8,
-            eval_batch_size=64, epochs=1, lr=0.01, progress="none", threads=1)
+TINY = tiny(train_size=32, test_size=8, batch_size=8, lr=0.01)
 
 # (name, input side, stage channels): every family of tv_tails, strides 4/8/16/32 (AlexNet: measured 4/8/17/37)
 FAMILIES = [

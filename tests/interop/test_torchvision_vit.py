@@ -14,11 +14,12 @@ from fusionkd.engine.checkpoint import load_checkpoint  # noqa: E402
 from fusionkd.engine.config import ConfigError  # noqa: E402
 from fusionkd.models import MODELS, create_model  # noqa: E402
 
+from .common import tiny  # noqa: E402
+
 pytestmark = pytest.mark.interop
 
 VIT = "torchvision:vit_b_16"
-TINY = dict(dataset="synthetic", dataset_options={"num_classes": 4, "in_chans": 1, "train_size": 32, "test_size": 16},
-            image_size=32, val_fraction=0.25, batch_size=8, eval_batch_size=32, lr=0.01, progress="none", threads=1)
+TINY = tiny(train_size=32, batch_size=8, eval_batch_size=32, lr=0.01, epochs=None)
 
 
 def test_maps_logits_and_keys_are_torchvisions():

@@ -16,12 +16,11 @@ from fusionkd.engine.checkpoint import load_checkpoint  # noqa: E402
 from fusionkd.engine.config import ConfigError  # noqa: E402
 from fusionkd.models import HookBackbone  # noqa: E402
 
+from .common import VIT, data, tiny  # noqa: E402
+
 pytestmark = pytest.mark.interop
 
-DATA = {"num_classes": 4, "in_chans": 1, "train_size": 48, "test_size": 16}
-TINY = dict(dataset="synthetic", dataset_options=DATA, image_size=32, val_fraction=0.25, batch_size=16,
-            eval_batch_size=64, epochs=1, lr=0.05, progress="none", threads=1)
-VIT = "timm:vit_tiny_patch16_224"
+TINY = tiny()
 
 
 def saved(tmp_path, name: str, net: torch.nn.Module) -> str:
@@ -69,10 +68,10 @@ def test_a_vit_teacher_for_a_cnn_student(tmp_path, method):
     with torch.no_grad():  # an untrained teacher, made to predict class 0 (above 0%: the teacher check passes)
         vit.head.bias.copy_(torch.tensor([5.0, 0.0, 0.0, 0.0]))
     path = saved(tmp_path, "vit", vit)
-    data = {**DATA, "train_size": 32, "test_size": 8}
+    few = data(train_size=32, test_size=8)
     r = fusionkd.train(method=method, model="resnet20", teacher_model=VIT, teacher_weights=path,
                        teacher_min_accuracy=0.0, out_dir=str(tmp_path), name=method,
-                       **{**TINY, "dataset_options": data, "image_size": 224, "batch_size": 8})
+                       **{**TINY, "dataset_options": few, "image_size": 224, "batch_size": 8})
     assert r.summary["finished"]
 
 

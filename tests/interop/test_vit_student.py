@@ -14,12 +14,11 @@ import fusionkd  # noqa: E402
 from fusionkd.engine.checkpoint import load_checkpoint  # noqa: E402
 from fusionkd.engine.config import ConfigError  # noqa: E402
 
+from .common import VIT, tiny  # noqa: E402
+
 pytestmark = pytest.mark.interop
 
-DATA = {"num_classes": 4, "in_chans": 1, "train_size": 64, "test_size": 32}
-TINY = dict(dataset="synthetic", dataset_options=DATA, image_size=16, val_fraction=0.25, batch_size=16,
-            eval_batch_size=64, lr=0.05, progress="none", threads=1)
-VIT = "timm:vit_tiny_patch16_224"
+TINY = tiny(image_size=16, train_size=64, test_size=32, epochs=None)
 SMALL_VIT = {"img_size": 16, "patch_size": 4, "depth": 2}  # 4x4 patch grid, 2 blocks: a fast student
 
 
