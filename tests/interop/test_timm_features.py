@@ -67,5 +67,7 @@ def test_an_efficientnet_student_of_a_convnext_teacher_and_byot_refused(tmp_path
         s = fusionkd.train(method=method, model="timm:efficientnet_b0", epochs=1, out_dir=str(tmp_path), name=method,
                            teacher=str(t.run_dir / "best.pt"), teacher_min_accuracy=0, **TINY)
         assert s.summary["finished"]
-    with pytest.raises(Exception, match="a method that rebuilds the head from those parts \\(byot\\)"):
+    with pytest.raises(ConfigError, match="method 'byot', model='timm:convnext_atto': .*a method that rebuilds the "
+                                          "head from those parts \\(byot\\)"):
         fusionkd.train(method="byot", model="timm:convnext_atto", epochs=1, out_dir=str(tmp_path), name="b", **TINY)
+    assert not (tmp_path / "b").exists()  # refused before the data was loaded

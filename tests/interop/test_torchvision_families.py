@@ -111,9 +111,11 @@ def test_mfkd_from_a_densenet_teacher_file(tmp_path):
     assert r.summary["finished"]
 
 
-def test_byot_refuses_a_network_with_its_own_tail(tmp_path):
-    with pytest.raises(ValueError, match="ConvNeXt's head is its own tail .*byot"):
+def test_byot_refuses_a_network_with_its_own_tail_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match="method 'byot', model='torchvision:convnext_tiny': ConvNeXt's head is its "
+                                          "own tail \\(convnext_tail.*\\(byot\\) cannot use this network"):
         fusionkd.train(method="byot", model="torchvision:convnext_tiny", out_dir=str(tmp_path), **TINY)
+    assert not any(tmp_path.iterdir())
 
 
 def test_a_torchvision_weights_file_of_a_tailed_family_initialises_it(tmp_path):

@@ -187,6 +187,9 @@ class Method(nn.Module):
             ``{epochs}`` in it becomes the run's length.
         needs_indices: the method needs each training sample's dataset index (see the module docstring):
             ``training_step`` then takes ``indices=``, and ``ctx.train_labels`` is filled.
+        rebuilds_head: the method rebuilds the network's head from its parts ``pre -> pooling -> fc``
+            (``byot``); a torchvision/timm network whose head is its own tail (a head norm, more layers before
+            the classifier) is then refused before any work, not when the method is built.
     """
 
     name: ClassVar[str] = ""
@@ -197,6 +200,7 @@ class Method(nn.Module):
     recipe_options: ClassVar[tuple[str, ...] | None] = None
     short_run_advice: ClassVar[str] = ""
     needs_indices: ClassVar[bool] = False
+    rebuilds_head: ClassVar[bool] = False
 
     def __init__(self, ctx: MethodContext, options: Any = None) -> None:
         super().__init__()

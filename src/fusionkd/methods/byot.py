@@ -231,6 +231,7 @@ class BranchedSelfMethod(NetDeployment, Method):
 @register_method("byot", "Be Your Own Teacher: a classifier branch after each stage, the deepest head teaches")
 class BYOT(BranchedSelfMethod):
     """Be Your Own Teacher (Zhang et al., ICCV 2019); see the module docstring for the loss."""
+    rebuilds_head = True  #: the branch logits and features reuse the head's parts (``head_logits``)
     recipe_epochs = 200  #: CIFAR-100, as the re-implementation with these alpha/lambda (authors' release: 250)
 
     Options = BYOTOptions

@@ -133,6 +133,7 @@ def validate(cfg: Config) -> None:
         )
     check_teacher_keys(cfg, method_cls.needs_teacher)
     check_several_teachers(cfg, method_cls)
+    check_head_parts(cfg, method_cls)
     if getattr(method_cls, "needs_indices", False) and (cfg.augment.mixup > 0 or cfg.augment.cutmix > 0):
         raise ConfigError(f"method {cfg.method!r} keeps a state per training sample (it is given each sample's "
                           "dataset index), and a MixUp/CutMix image is two samples at once: set augment.mixup=0 "
@@ -206,6 +207,27 @@ def check_input_size(cfg: Config, what: str, name: str, kwargs: dict[str, Any], 
     except ValueError as e:
         raise ConfigError(f"{what}: {e}") from None
     check_size(extras, native_image_size(cfg), what, kw_key)
+
+
+def check_head_parts(cfg: Config, method_cls: type) -> None:
+    """A method that rebuilds the head from ``pre -> pooling -> fc`` (byot) refuses, before any data is loaded,
+    a torchvision/timm network whose head is its own tail: the network is built once here (with 10 classes; any
+    other failure is left to the real build, which names it)."""
+    from ...models import EXTERNAL_PREFIXES, create_model
+
+    if not getattr(method_cls, "rebuilds_head", False):
+        return
+    for name in [cfg.model, *(cfg.models or [])]:
+        if not name.startswith(tuple(EXTERNAL_PREFIXES)):
+            continue
+        try:
+            head = create_model(name, num_classes=10, in_chans=3, **cfg.model_kwargs).head
+        except Exception:  # noqa: BLE001 - reported, with its reason, where the network is really built
+            continue
+        try:
+            head.pre, head.fc  # noqa: B018 - the parts the method rebuilds the head from
+        except ValueError as e:
+            raise ConfigError(f"method {cfg.method!r}, model={name!r}: {e}") from None
 
 
 def check_teacher_keys(cfg: Config, needs_teacher: bool) -> None:
