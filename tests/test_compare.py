@@ -172,6 +172,24 @@ def test_runs_of_one_method_and_student_with_different_teachers_get_rows_of_thei
     assert [g.method for g in one] == ["baseline", "kd"]
 
 
+def test_report_follows_links_to_run_folders_once(tmp_path):
+    """experiments/fmnist_protocol.sh links the shared baseline runs into each family's folder: ``report`` over
+    that folder finds them through the link (the gains need them), and a link loop is walked once."""
+    net = lambda *vt: {"net": list(vt)}  # noqa: E731
+    for seed in (0, 1):
+        fake_run(tmp_path / "shared", "baseline", seed, "baseline", net((50, 50), (60 + seed, 60 + seed)))
+        fake_run(tmp_path / "family", "kd", seed, "offline", net((50, 50), (62 + seed, 62 + seed)))
+    link = tmp_path / "family" / "runs" / "resnet20" / "baseline"
+    link.symlink_to(tmp_path / "shared" / "runs" / "resnet20" / "baseline", target_is_directory=True)
+    (tmp_path / "family" / "loop").symlink_to(tmp_path / "family", target_is_directory=True)
+    runs = find_runs([tmp_path / "family"])
+    assert len(runs) == 4 and len(set(runs)) == 4
+    groups = {g.method: g for g in summarize([load_run(p) for p in runs])}
+    assert groups["kd"].gain_last.diff == pytest.approx(2.0)
+    assert main(["report", str(tmp_path / "family"), "--no-plots"]) == 0
+    assert "| baseline |" in (tmp_path / "family" / "report.md").read_text()
+
+
 def test_results_csv_rows(fabricated):
     rec = load_run(fabricated / "runs" / "resnet20" / "ffl" / "s0")
     rows = {r["head"]: r for r in run_rows(rec)}

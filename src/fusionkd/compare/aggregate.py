@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -154,8 +155,27 @@ def label_teachers(records: Sequence[RunRecord]) -> None:
         r.teacher_label = f"{model} #{digest}" if same_model else model
 
 
+def summaries_under(root: Path) -> list[Path]:
+    """Every ``summary.json`` below ``root``, sorted, following symbolic links to folders (how
+    ``experiments/fmnist_protocol.sh`` shares one family's baseline runs with the others), each real folder
+    visited once (a link loop ends there)."""
+    found: list[Path] = []
+    seen: set[str] = set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders.sort()
+        if "summary.json" in files:
+            found.append(Path(folder) / "summary.json")
+    return sorted(found)
+
+
 def find_runs(paths: Iterable[str | Path]) -> list[Path]:
-    """Every run folder holding a finished ``summary.json`` under ``paths`` (searched recursively).
+    """Every run folder holding a finished ``summary.json`` under ``paths`` (searched recursively, symbolic
+    links to folders followed).
 
     Folders named ``teachers`` (where ``fusionkd compare`` keeps the teachers it trained) are skipped
     unless a path points into one. Raises FileNotFoundError for a path that does not exist.
@@ -166,8 +186,7 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
         if not root.exists():
             raise FileNotFoundError(f"{str(root)!r} does not exist (expected a run folder or a folder of "
                                     "run folders)")
-        candidates = [root / "summary.json"] if (root / "summary.json").is_file() else sorted(
-            root.rglob("summary.json"))
+        candidates = [root / "summary.json"] if (root / "summary.json").is_file() else summaries_under(root)
         for s in candidates:
             rel = s.parent.relative_to(root).parts
             if any(part in SKIPPED_FOLDERS for part in rel):
