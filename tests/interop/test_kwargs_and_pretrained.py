@@ -55,6 +55,20 @@ def test_a_vit_with_its_keywords_trains_resumes_evaluates_and_teaches(tmp_path):
     assert fusionkd.resume(r.run_dir, epochs=2).summary["epochs"] == 2
 
 
+@pytest.mark.parametrize("method", ["dkd", "dist", "crd", "at", "mfkd", "reviewkd"])
+def test_a_vit_teaches_a_cnn_student_with_every_other_offline_method(tmp_path, method):
+    """kd and fitnet are tested above; the rest read the ViT's logits (dkd, dist), its pooled last tokens (crd)
+    or its token maps at stride 4 (at pairs them with the student's stride-4 stage; mfkd fuses them; reviewkd
+    reviews them)."""
+    torch.manual_seed(0)
+    path = tmp_path / "vit.pth"
+    torch.save(timm.create_model(VIT[5:], num_classes=4, in_chans=1, **SMALL).state_dict(), path)
+    r = fusionkd.train(method=method, model="resnet20", teacher_model=VIT, teacher_weights=str(path),
+                       teacher_model_kwargs=SMALL, teacher_min_accuracy=0.0, out_dir=str(tmp_path), name=method,
+                       **{**TINY, "epochs": 2})
+    assert r.summary["finished"]
+
+
 def test_a_vit_member_of_several_teachers_takes_its_keywords_as_a_mapping(tmp_path):
     """``teachers=[CHECKPOINT, {model, weights, kwargs}]``: the ViT's keywords reach timm, its input size is
     checked against the run's before any work (without them it is a 224 px network), and a resumed run
