@@ -190,6 +190,21 @@ def test_report_follows_links_to_run_folders_once(tmp_path):
     assert "| baseline |" in (tmp_path / "family" / "report.md").read_text()
 
 
+def test_a_key_an_older_run_lacks_counts_as_its_default_in_the_report(tmp_path):
+    """Baseline runs of an older fusionkd have no ``model_kwargs`` in their config.yaml (the key came later,
+    default ``{}``): the settings section does not list it as a difference; a real difference still is."""
+    net = lambda *vt: {"net": list(vt)}  # noqa: E731
+    old = fake_run(tmp_path, "baseline", 0, "baseline", net((50, 50), (60, 60)))
+    new = fake_run(tmp_path, "kd", 0, "offline", net((50, 50), (61, 61)))
+    (new / "config.yaml").write_text("method: kd\nmodel: resnet20\nseed: 0\nepochs: 2\nlr: 0.2\nmodel_kwargs: {}\n")
+    text = report_mod.settings_section([load_run(old), load_run(new)])
+    assert "`baseline`: `lr=0.1`" in text and "`kd`: `lr=0.2`" in text
+    assert "model_kwargs" not in text.split("Settings that differ")[1]
+    assert "`model_kwargs={}`" in text  # common to both: the older run used the default
+    older_kd = fake_run(tmp_path, "kd", 1, "offline", net((50, 50), (62, 62)))  # no model_kwargs either
+    assert aggregate._inconsistent_keys([load_run(new), load_run(older_kd)]) == ["lr"]
+
+
 def test_results_csv_rows(fabricated):
     rec = load_run(fabricated / "runs" / "resnet20" / "ffl" / "s0")
     rows = {r["head"]: r for r in run_rows(rec)}

@@ -420,7 +420,18 @@ RUNTIME_KEYS = frozenset({"seed", "name", "out_dir", "progress", "log_every", "e
                           "tracker_experiment"})
 
 
+def config_flats(configs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The flattened configs, each key that some of them lack (a run of an older fusionkd, before the key
+    existed) filled with the key's default, which is what that run used; keys none of them has stay out."""
+    from ..engine.config import Config
+
+    flats = [flatten(c) for c in configs]
+    present = {k for f in flats for k in f}
+    defaults = {k: v for k, v in flatten(Config().to_dict()).items() if k in present}
+    return [{**defaults, **f} for f in flats]
+
+
 def _inconsistent_keys(recs: Sequence[RunRecord]) -> list[str]:
-    flats = [flatten(r.config) for r in recs if r.config]
+    flats = config_flats([r.config for r in recs if r.config])
     keys = sorted({k for f in flats for k in f} - RUNTIME_KEYS)
     return [k for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flats}) > 1]

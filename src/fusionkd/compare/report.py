@@ -23,8 +23,8 @@ from .aggregate import (
     RUNTIME_KEYS,
     GroupStats,
     RunRecord,
+    config_flats,
     find_runs,
-    flatten,
     label_datasets,
     load_run,
     rows_to_csv,
@@ -152,8 +152,9 @@ def settings_section(records: Sequence[RunRecord], teachers: dict[str, dict[str,
     """The common config, what each method sets differently, data sizes, epochs, seeds and teachers."""
     lines = ["## Settings", ""]
     excluded = RUNTIME_KEYS | {"method", "model", "teacher"}
-    flats = {id(r): {k: v for k, v in flatten(r.config).items() if k not in excluded}
-             for r in records if r.config}
+    configured = [r for r in records if r.config]
+    flats = {id(r): {k: v for k, v in f.items() if k not in excluded}
+             for r, f in zip(configured, config_flats([r.config for r in configured]), strict=True)}
     if flats:
         all_keys = sorted({k for f in flats.values() for k in f})
         enc = lambda f, k: json.dumps(f.get(k), sort_keys=True, default=str)  # noqa: E731
