@@ -57,16 +57,17 @@ test-fast: install-test
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 # model=torchvision:NAME / timm:NAME (docs/models.md) against the real packages; the core suite skips tests/interop
-# (created when missing; an existing one that already has the packages and this checkout's fusionkd is kept)
+# (created when missing; an existing one that already has the packages and this checkout's fusionkd is kept;
+# matplotlib for the plots of experiments/fmnist_protocol.sh vit, which runs there)
 $(INTEROP_VENV)/.ready:
-	@if $(INTEROP_VENV)/bin/python -c "import torchvision, timm, pytest, fusionkd, sys; \
+	@if $(INTEROP_VENV)/bin/python -c "import torchvision, timm, pytest, matplotlib, fusionkd, sys; \
 		sys.exit(not fusionkd.__file__.startswith('$(CURDIR)/'))" 2>/dev/null; then \
 		echo "$(INTEROP_VENV) is ready"; \
 	else \
 		$(PYTHON) -m venv $(INTEROP_VENV) && \
 		$(INTEROP_VENV)/bin/python -m pip install --quiet --upgrade pip && \
 		$(INTEROP_VENV)/bin/python -m pip install --quiet "torch==$(INTEROP_TORCH)" \
-			"torchvision==$(INTEROP_TORCHVISION)" timm pytest pyyaml numpy pillow && \
+			"torchvision==$(INTEROP_TORCHVISION)" timm pytest pyyaml numpy pillow matplotlib && \
 		$(INTEROP_VENV)/bin/python -m pip install --quiet --no-deps -e .; \
 	fi
 	touch $@
