@@ -171,6 +171,7 @@ def test_an_outside_member_takes_its_package_keywords_as_a_mapping(tmp_path, two
     torch.save(load_checkpoint(narrow.run_dir / "best.pt")["deploy"]["state_dict"], plain)
     assert _student(tmp_path, "kd", "--epochs", "1", f"teachers=[{a}, mobilenetv2={plain}]", name="wide") == 2
     err = capsys.readouterr().err  # the file is not of the default width
+    assert f"teachers item 'mobilenetv2={plain}': teacher_weights: the weights in" in err
     assert "do not fit the teacher 'mobilenetv2'" in err and "shape mismatch stem.0.weight: (8, 1, 3, 3)" in err
     item = f"{{model: mobilenetv2, weights: {plain}, kwargs: {{width_mult: 0.25}}}}"  # YAML on the command line
     # (a mobilenetv2 learns little of this data in 8 epochs: the chance check is lowered for it)

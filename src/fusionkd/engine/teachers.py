@@ -305,7 +305,10 @@ def load_ensemble(cfg: Config, info: DatasetInfo, device: torch.device) -> Teach
         else:
             one = dataclasses.replace(cfg, teachers=None, teacher_mix=None, teacher_model=name, teacher_weights=file,
                                       teacher_model_kwargs=kwargs)
-            members.append(load_outside_teacher(one, info, device))
+            try:
+                members.append(load_outside_teacher(one, info, device))
+            except ConfigError as e:  # named as the item the user wrote, not as teacher_model/teacher_weights
+                raise ConfigError(f"teachers item {item!r}: {e}") from None
     try:
         model = EnsembleTeacher([t.model for t in members], cfg.teacher_mix).to(device).eval()
     except ValueError as e:
