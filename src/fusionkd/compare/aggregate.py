@@ -62,7 +62,7 @@ class RunRecord:
     #: the dataset as the report names it (set by :func:`label_datasets`; default: the dataset's name)
     dataset_label: str | None = None
     #: the teacher, when runs of one method and student learned from different teachers (set by
-    #: :func:`label_datasets`; default None: the row is the method's alone)
+    #: :func:`label_teachers`; default None: the row is the method's alone)
     teacher_label: str | None = None
 
     @property
@@ -132,6 +132,12 @@ def label_datasets(records: Sequence[RunRecord]) -> None:
         if (len(folders) == 1 or same_folder_twice or not folder) and fp:
             label += f" #{fp[:8]}"
         r.dataset_label = label
+
+
+def label_rows(records: Sequence[RunRecord]) -> None:
+    """Label the runs so that runs on different data (:func:`label_datasets`) or with different teachers
+    (:func:`label_teachers`) never share a row."""
+    label_datasets(records)
     label_teachers(records)
 
 
@@ -376,7 +382,7 @@ def group_key_order(keys: Iterable[GroupKey], families: dict[str, str]) -> list[
 def summarize(records: Sequence[RunRecord]) -> list[GroupStats]:
     """Group runs by (dataset, model, method) and compute the statistics of :class:`GroupStats`."""
     groups: dict[GroupKey, list[RunRecord]] = {}
-    label_datasets(records)
+    label_rows(records)
     for rec in records:
         groups.setdefault(rec.key, []).append(rec)
     families = {k[2]: str(v[0].summary.get("family", "")) for k, v in groups.items()}

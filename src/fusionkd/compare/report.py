@@ -25,7 +25,7 @@ from .aggregate import (
     RunRecord,
     config_flats,
     find_runs,
-    label_datasets,
+    label_rows,
     load_run,
     rows_to_csv,
     run_rows,
@@ -319,7 +319,7 @@ def write_report(records: Sequence[RunRecord], out_dir: str | Path, *, title: st
     """Write ``results.csv``, ``report.md`` (and the plots) for ``records`` into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    label_datasets(records)
+    label_rows(records)
     records = sorted(records, key=lambda r: (r.key, r.seed))
     rows = [row for r in records for row in run_rows(r)]
     csv_path = out / "results.csv"

@@ -149,16 +149,15 @@ class MethodContext:
         """Create a network of zoo name ``name`` (default: the main model) for this data, initialised from
         ``weights`` when it is of the main architecture and ``pretrained`` (the default; ``False`` for a
         network whose weights are overwritten at once, e.g. a deploy network assembled from branches)."""
-        main = (name or self.model) == self.model
-        published = {"pretrained": True} if self.pretrained and pretrained and main else {}
-        net = create_model(
-            name or self.model, num_classes=self.num_classes, in_chans=self.in_chans, **self.model_kwargs,
-            **published,
-        )
-        if self.weights and pretrained and (name or self.model) == self.model:
+        name = name or self.model
+        main = pretrained and name == self.model  # the main architecture, to be initialised
+        published = {"pretrained": True} if self.pretrained and main else {}
+        net = create_model(name, num_classes=self.num_classes, in_chans=self.in_chans, **self.model_kwargs,
+                           **published)
+        if self.weights and main:
             from ..models.weights import load_weights_file
 
-            report = load_weights_file(net, self.weights, what=f"the {name or self.model!r} of this run")
+            report = load_weights_file(net, self.weights, what=f"the {name!r} of this run")
             if self.weights_report is None:
                 self.weights_report = report
                 log.info("weights=%s: %s", self.weights, report.describe())

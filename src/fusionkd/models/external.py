@@ -49,7 +49,7 @@ from ..errors import ConfigError, UnknownNameError
 from .adapt import infer_stages
 from .features import FeaturesBackbone, has_features_api
 from .hook import HookBackbone
-from .registry import MODELS
+from .registry import MODELS, RESERVED_KWARGS
 from .tokens import TokenBackbone, as_token_model, is_torchvision_vit
 from .tv_tails import FAMILIES, REFUSED
 
@@ -162,18 +162,19 @@ def token_extras(net: nn.Module) -> dict[str, Any]:
         return {"tokens": True, "image_size": int(net.image_size)}
     if type(net).__name__ == "MaxVit" and hasattr(net, "blocks"):  # torchvision's: fixed by its input_size keyword
         return {"image_size": 4 * int(net.blocks[0].grid_size[0])}
-    if not is_token_model(net):
-        embed = getattr(net, "patch_embed", None)  # a hierarchical transformer (Swin) with a fixed input size
-        size = getattr(embed, "img_size", None)
-        if size and has_features_api(net) and getattr(embed, "strict_img_size", True) \
-                and not getattr(net, "dynamic_img_size", False):
-            return {"image_size": int(size[0] if isinstance(size, (tuple, list)) else size)}
-        return {}
-    extras: dict[str, Any] = {"tokens": True}
-    size = getattr(net.patch_embed, "img_size", None)
-    if size and getattr(net.patch_embed, "strict_img_size", True) and not getattr(net, "dynamic_img_size", False):
-        extras["image_size"] = int(size[0] if isinstance(size, (tuple, list)) else size)
-    return extras
+    size = fixed_input_size(net)
+    if not is_token_model(net):  # a hierarchical transformer (Swin) may have a fixed input size too
+        return {"image_size": size} if size and has_features_api(net) else {}
+    return {"tokens": True, **({"image_size": size} if size else {})}
+
+
+def fixed_input_size(net: nn.Module) -> int | None:
+    """The side a timm transformer's patch embedding insists on (its ``img_size``), None when it takes any."""
+    embed = getattr(net, "patch_embed", None)
+    size = getattr(embed, "img_size", None)
+    if not size or not getattr(embed, "strict_img_size", True) or getattr(net, "dynamic_img_size", False):
+        return None
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:
@@ -273,7 +274,7 @@ class ExternalFactory:
             return None
 
     def wrap(self, num_classes: int, in_chans: int, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
-        reserved = [k for k in kwargs if k in ("num_classes", "in_chans", "pretrained")]
+        reserved = [k for k in kwargs if k in RESERVED_KWARGS]
         if reserved:
             raise ValueError(f"model {self.name!r}: {reserved[0]!r} is set by fusionkd, not a package keyword here")
         net = self.build(num_classes, in_chans, pretrained, kwargs)

@@ -157,7 +157,6 @@ def check_external_models(cfg: Config, family: str) -> None:
     its package default) or whose head reads tokens (``tokens``: it cannot classify maps of a method's own
     making, as the online and self families do) are refused where they cannot serve, before any work."""
     from ...models import EXTERNAL_PREFIXES
-    from ...models.registry import model_extras
     from ...registry import UnknownNameError
 
     if cfg.teacher_model_kwargs and not cfg.teacher_model:
@@ -169,19 +168,15 @@ def check_external_models(cfg: Config, family: str) -> None:
         raise ConfigError(f"pretrained=true asks torchvision or timm for their published weights, and model="
                           f"{cfg.model!r} is not a torchvision:NAME / timm:NAME network; initialise it from a file "
                           "with weights=FILE")
-    size = native_image_size(cfg)
     trained = [cfg.model, *(cfg.models or [])]
     for key, name in [*(("model", m) for m in trained), ("teacher_model", cfg.teacher_model)]:
         if name is None:
             continue
         kw_key = "teacher_model_kwargs" if key == "teacher_model" else "model_kwargs"
         try:
-            extras = model_extras(name, getattr(cfg, kw_key), kw_key)
+            extras = check_input_size(cfg, f"{key}={name!r}", name, getattr(cfg, kw_key), kw_key)
         except UnknownNameError:
             continue  # reported by check_teacher_keys
-        except ValueError as e:  # a keyword the model does not take, or one fusionkd sets itself
-            raise ConfigError(f"{key}={name!r}: {e}") from None
-        check_size(extras, size, f"{key}={name!r}", kw_key)
         if extras.get("tokens") and key == "model" and family in ("online", "self"):
             raise ConfigError(f"{key}={name!r} is a vision transformer: its head reads the class token, not a "
                               f"stage map, and the {family} methods classify maps of their own making (fused maps, "
@@ -189,24 +184,25 @@ def check_external_models(cfg: Config, family: str) -> None:
                               "offline methods")
 
 
-def check_size(extras: dict[str, Any], size: int | None, what: str, kw_key: str) -> None:
-    """A network whose input size is fixed (``extras["image_size"]``) against the run's image size."""
-    need = extras.get("image_size")
-    if need and size is not None and int(size) != int(need):
-        raise ConfigError(f"{what} takes {need}x{need} images (its img_size) but this run's are {size}x{size}: set "
-                          f"{kw_key}={{img_size: {size}}} (with a patch_size that divides it), or image_size={need}")
+def check_input_size(cfg: Config, what: str, name: str, kwargs: dict[str, Any], kw_key: str) -> dict[str, Any]:
+    """The keyword arguments of network ``name`` (checked by its package, on the meta device) and its fixed
+    input size, if it has one, against the run's, before any work; returns its registry extras with them.
 
-
-def check_input_size(cfg: Config, what: str, name: str, kwargs: dict[str, Any], kw_key: str) -> None:
-    """The keyword arguments of network ``name`` (checked by its package, on the meta device) and its input size
-    against the run's, before any work."""
+    Raises:
+        UnknownNameError: ``name`` is not registered (the caller decides who reports it).
+        ConfigError: a keyword the network does not take, or one fusionkd sets itself; a size mismatch.
+    """
     from ...models.registry import model_extras
 
     try:
-        extras = model_extras(name, kwargs, kw_key)
+        extras = model_extras(name, kwargs, kw_key)  # (an unknown name, a KeyError, passes through)
     except ValueError as e:
         raise ConfigError(f"{what}: {e}") from None
-    check_size(extras, native_image_size(cfg), what, kw_key)
+    need, size = extras.get("image_size"), native_image_size(cfg)
+    if need and size is not None and int(size) != int(need):
+        raise ConfigError(f"{what} takes {need}x{need} images (its img_size) but this run's are {size}x{size}: set "
+                          f"{kw_key}={{img_size: {size}}} (with a patch_size that divides it), or image_size={need}")
+    return extras
 
 
 def check_head_parts(cfg: Config, method_cls: type) -> None:
