@@ -14,6 +14,7 @@
 # training split by default; the validation split is the students' and is never trained on), checks it on
 # validation as above, then distils it into MODEL with METHODS (default kd,dkd,fitnet,mfkd) into OUT_DIR/vit-<model>;
 # it runs in .venv-interop (timm), which `make test-interop` creates.
+# The teachers' logs (OUT_DIR/teachers.log, OUT_DIR/vit-teacher.log) are appended to, never overwritten.
 # For a GPU re-run at full size: SUBSET= EPOCHS=200 EVAL_EVERY=1 WORKERS=1 THREADS= PRECISION=bf16 ...
 set -euo pipefail
 FAMILY=${1:?family: online, self, offline or vit}
@@ -21,6 +22,7 @@ OUT=${2:-runs/results}
 # the vit family needs timm: the second environment of `make test-interop` has it
 [ "$FAMILY" = vit ] && DEFAULT_FUSIONKD=.venv-interop/bin/fusionkd || DEFAULT_FUSIONKD=.venv/bin/fusionkd
 FUSIONKD=${FUSIONKD:-$DEFAULT_FUSIONKD}
+mkdir -p "$OUT"
 SEEDS=${SEEDS:-0,1,2}
 WORKERS=${WORKERS:-2}          # processes side by side
 THREADS=${THREADS-1}           # torch threads per process (THREADS= : compare's default)
@@ -79,7 +81,7 @@ case "$FAMILY" in
     # the teacher (one process) beside the student baselines (the other)
     T="$OUT/teachers/runs/$TEACHER_MODEL/baseline/s0"
     "$FUSIONKD" compare --methods baseline --models "$TEACHER_MODEL" --out "$OUT/teachers" \
-      "${FLAGS[@]}" --seeds 0 --workers 1 "${COMMON[@]}" epochs="$TEACHER_EPOCHS" >"$OUT/teachers.log" 2>&1 &
+      "${FLAGS[@]}" --seeds 0 --workers 1 "${COMMON[@]}" epochs="$TEACHER_EPOCHS" >>"$OUT/teachers.log" 2>&1 &
     teacher=$!
     baselines 1
     wait "$teacher" || { tail "$OUT/teachers.log"; exit 1; }
@@ -107,7 +109,7 @@ case "$FAMILY" in
     [ -n "$VIT_SUBSET" ] && TOPTS+=(subset="$VIT_SUBSET")
     mkdir -p "$(dirname "$VDIR")"
     "$FUSIONKD" compare --methods baseline --models "$VIT" --out "$VDIR" "${TFLAGS[@]}" "${TOPTS[@]}" \
-      >"$VDIR.log" 2>&1 &
+      >>"$VDIR.log" 2>&1 &
     teacher=$!
     baselines 1
     wait "$teacher" || { tail "$VDIR.log"; exit 1; }

@@ -111,6 +111,12 @@ def test_mfkd_from_a_densenet_teacher_file(tmp_path):
     assert r.summary["finished"]
 
 
+def test_byot_leaves_a_network_that_does_not_build_to_the_real_build_which_names_why(tmp_path):
+    """check_head_parts cannot build SqueezeNet (refused family): it defers, and the run's own build refuses it."""
+    with pytest.raises(ValueError, match="SqueezeNet.*a 1x1 convolution applied before the global pooling"):
+        fusionkd.train(method="byot", model="torchvision:squeezenet1_0", out_dir=str(tmp_path), **TINY)
+
+
 def test_byot_refuses_a_network_with_its_own_tail_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="method 'byot', model='torchvision:convnext_tiny': ConvNeXt's head is its "
                                           "own tail \\(convnext_tail.*\\(byot\\) cannot use this network"):
